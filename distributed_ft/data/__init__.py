@@ -1,0 +1,188 @@
+"""Data: read, normalise, split, tokenize and mix the configured datasets into training examples.
+
+`build_data` is the one entry point; it returns a DataBundle and logs nothing (counts are in `stats`).
+Train examples are stored task by task, so a WeightedMixSampler over `task_sizes` indexes them directly.
+"""
+from __future__ import annotations
+
+import bisect
+import random
+from dataclasses import dataclass
+
+from distributed_ft.data.builtin import BUILTIN_TASK_TYPES
+from distributed_ft.data.collate import collate
+from distributed_ft.data.config import DataConfig, DatasetSpec
+from distributed_ft.data.formats import normalise, resolve_columns
+from distributed_ft.data.mixing import WeightedMixSampler
+from distributed_ft.data.sources import column_names, load_rows
+from distributed_ft.data.tokenize import IGNORE_INDEX, encode_prompt, pack, tokenize_generative, tokenize_labelled
+from distributed_ft.errors import ConfigError, DataError
+
+__all__ = ["DataBundle", "DataConfig", "DatasetSpec", "IGNORE_INDEX", "WeightedMixSampler", "build_data", "collate",
+           "encode_prompt"]
+
+KIND_OF_TASK_TYPE = {"causal_lm": "generative", "sequence_classification": "classification",
+                     "regression": "regression"}
+# Validation builtins are generated from a different seed than the training ones.
+VALIDATION_SEED_OFFSET = 1_000_003
+
+
+@dataclass
+class DataBundle:
+    train: list[dict]
+    validation: list[dict] | None
+    tasks: list[str]                       # train tasks, in order; a train example's task_id indexes this
+    task_names: list[str]                  # tasks + validation-only tasks; any example's task_id indexes this
+    task_sizes: list[int]                  # train examples per task (after packing, if packed)
+    task_offsets: list[int]                # index of each task's first example in `train`
+    weights: list[float]
+    stats: dict[str, dict[str, int]]       # per train task: kept, truncated, dropped_* (+ sequences if packed)
+    validation_stats: dict[str, dict[str, int]]
+    eval_records: list[dict] | None        # one per validation example, same order; references are stripped
+    num_labels: int | None                 # classification only
+    label_names: list[str] | None          # when classification labels were names, label id -> name
+    task_type: str
+    packed: bool
+
+    def sampler(self, seed: int) -> WeightedMixSampler:
+        return WeightedMixSampler(self.task_sizes, self.weights, seed)
+
+    def task_of_example(self, index: int) -> int:
+        return bisect.bisect_right(self.task_offsets, index) - 1
+
+
+def build_data(cfg: DataConfig, tokenizer, *, task_type: str, seed: int) -> DataBundle:
+    """Build train/validation examples for a model of `task_type` from the `data` config."""
+    kind = KIND_OF_TASK_TYPE.get(task_type)
+    if kind is None:
+        raise ConfigError(f"unknown model task '{task_type}' (valid: {', '.join(KIND_OF_TASK_TYPE)})")
+    if cfg.packing and task_type != "causal_lm":
+        raise ConfigError(f"data.packing applies only to causal_lm models, not {task_type}")
+
+    tasks = [spec.task_name for spec in cfg.train]
+    train_rows = {t: _normalised_rows(spec, tokenizer, task_type, seed) for t, spec in zip(tasks, cfg.train)}
+    val_rows: dict[str, list[dict]] | None = None
+    if cfg.validation_fraction > 0:
+        val_rows = {}
+        for task in tasks:
+            train_rows[task], val_rows[task] = _hold_out(train_rows[task], cfg.validation_fraction, seed, task)
+    elif cfg.validation:
+        val_rows = {}
+        for spec in cfg.validation:
+            rows = _normalised_rows(spec, tokenizer, task_type, seed + VALIDATION_SEED_OFFSET)
+            if spec.builtin is not None and spec.task_name in train_rows:
+                rows = _without_inputs_of(rows, train_rows[spec.task_name])
+            val_rows.setdefault(spec.task_name, []).extend(rows)
+    task_names = tasks + [t for t in (val_rows or {}) if t not in tasks]
+
+    label_names = num_labels = None
+    if kind == "classification":
+        label_names, num_labels = _map_labels(train_rows, val_rows or {})
+
+    train, stats, sizes, offsets = [], {}, [], []
+    for task_id, task in enumerate(tasks):
+        examples, counts, _ = _tokenize(train_rows[task], tokenizer, cfg, kind, task_id)
+        if not examples:
+            raise DataError(f"task '{task}': no training examples left after tokenization "
+                            f"({_describe(counts)}); check max_length and the data")
+        if cfg.packing:
+            examples = pack(examples, cfg.max_length)
+            counts["sequences"] = len(examples)
+        offsets.append(len(train))
+        sizes.append(len(examples))
+        train.extend(examples)
+        stats[task] = counts
+
+    validation = eval_records = None
+    validation_stats: dict[str, dict[str, int]] = {}
+    if val_rows is not None:
+        validation, eval_records = [], []
+        for task, rows in val_rows.items():
+            examples, counts, kept = _tokenize(rows, tokenizer, cfg, kind, task_names.index(task))
+            if not examples:
+                raise DataError(f"task '{task}': no validation examples left after tokenization "
+                                f"({_describe(counts)})")
+            validation.extend(examples)
+            eval_records.extend(_record(task, rows[i], kind) for i in kept)
+            validation_stats[task] = counts
+
+    return DataBundle(train=train, validation=validation, tasks=tasks, task_names=task_names, task_sizes=sizes,
+                      task_offsets=offsets, weights=[spec.weight for spec in cfg.train], stats=stats,
+                      validation_stats=validation_stats, eval_records=eval_records, num_labels=num_labels,
+                      label_names=label_names, task_type=task_type, packed=cfg.packing)
+
+
+def _normalised_rows(spec: DatasetSpec, tokenizer, task_type: str, seed: int) -> list[dict]:
+    task, kind = spec.task_name, KIND_OF_TASK_TYPE[task_type]
+    if spec.builtin is not None:
+        native = BUILTIN_TASK_TYPES[spec.builtin]
+        # Every builtin has a generative form; classification/regression models need the native type.
+        if task_type != "causal_lm" and native != task_type:
+            raise DataError(f"task '{task}': builtin '{spec.builtin}' is a {native} task, "
+                            f"but the model task is {task_type}")
+        return load_rows(spec, seed, generative=task_type == "causal_lm")
+    rows = load_rows(spec, seed)
+    fmt, mapping = resolve_columns(column_names(rows), spec.format, spec.columns, task, spec.source, kind)
+    _, normalised = normalise(rows, fmt, mapping, tokenizer, task, spec.source)
+    return normalised
+
+
+def _hold_out(rows: list[dict], fraction: float, seed: int, task: str) -> tuple[list[dict], list[dict]]:
+    """Split off round(fraction * n) rows (at least 1, never all) chosen by a per-task seeded shuffle."""
+    n = len(rows)
+    n_val = min(n - 1, max(1, round(fraction * n))) if n >= 2 else 0
+    order = list(range(n))
+    random.Random(f"{seed}:{task}:validation").shuffle(order)
+    held = set(order[:n_val])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def _input_of(row: dict) -> str:
+    return row.get("prompt", row.get("text"))
+
+
+def _without_inputs_of(rows: list[dict], train: list[dict]) -> list[dict]:
+    seen = {_input_of(r) for r in train}
+    return [r for r in rows if _input_of(r) not in seen]
+
+
+def _map_labels(train_rows: dict, val_rows: dict) -> tuple[list[str] | None, int]:
+    """Integer labels stay as they are; if any label is a name, all labels become ids of sorted train names."""
+    train_labels = [r["label"] for rows in train_rows.values() for r in rows if r["label"] is not None]
+    val_labels = [r["label"] for rows in val_rows.values() for r in rows if r["label"] is not None]
+    if any(isinstance(label, str) for label in train_labels + val_labels):
+        names = sorted({str(label) for label in train_labels})
+        ids = {name: i for i, name in enumerate(names)}
+        for task, rows in val_rows.items():
+            for r in rows:
+                if r["label"] is not None and str(r["label"]) not in ids:
+                    raise DataError(f"task '{task}': validation label '{r['label']}' never occurs in the "
+                                    f"training data (labels: {', '.join(names)})")
+        for rows in list(train_rows.values()) + list(val_rows.values()):
+            for r in rows:
+                if r["label"] is not None:
+                    r["label"] = ids[str(r["label"])]
+        return names, max(2, len(names))
+    negative = [label for label in train_labels + val_labels if label < 0]
+    if negative:
+        raise DataError(f"classification labels must be >= 0 (found {negative[0]})")
+    return None, max(2, max(train_labels + val_labels, default=0) + 1)
+
+
+def _tokenize(rows: list[dict], tokenizer, cfg: DataConfig, kind: str, task_id: int):
+    if kind == "generative":
+        return tokenize_generative(rows, tokenizer, task_id=task_id, max_length=cfg.max_length,
+                                   overlong=cfg.overlong, loss_on=cfg.loss_on)
+    return tokenize_labelled(rows, tokenizer, task_id=task_id, max_length=cfg.max_length, overlong=cfg.overlong,
+                             key="label" if kind == "classification" else "value")
+
+
+def _record(task: str, row: dict, kind: str) -> dict:
+    if kind == "generative":
+        return {"task": task, "prompt": row["prompt"], "reference": row["completion"].strip()}
+    key = "label" if kind == "classification" else "value"
+    return {"task": task, "text": row["text"], key: row[key]}
+
+
+def _describe(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items())

@@ -1,0 +1,93 @@
+"""Building the Accelerator from the launch environment: DDP, DeepSpeed ZeRO 0-3 or one process.
+
+The launcher (accelerate launch, torchrun, srun) decides the topology; the run config decides
+batch sizes, accumulation, clipping and precision, and those values are written into DeepSpeed's
+"auto" fields here so there is one source of truth for each setting.
+"""
+from __future__ import annotations
+
+import os
+
+from distributed_ft.errors import ConfigError
+
+
+def deepspeed_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+
+
+def launch_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _deepspeed_plugin(training):
+    from accelerate.utils import DeepSpeedPlugin
+
+    clip = training.max_grad_norm or 0.0
+    plugin = DeepSpeedPlugin()  # reads the launcher's environment (config file or flags)
+    plugin.gradient_accumulation_steps = training.gradient_accumulation_steps
+    plugin.gradient_clipping = clip
+    plugin.zero3_save_16bit_model = True
+    ds = plugin.deepspeed_config
+    world = launch_world_size()
+    for key, value in (("train_micro_batch_size_per_gpu", training.micro_batch_size),
+                       ("train_batch_size", training.micro_batch_size * training.gradient_accumulation_steps * world),
+                       ("gradient_clipping", clip),
+                       ("gradient_accumulation_steps", training.gradient_accumulation_steps)):
+        current = ds.get(key, "auto")
+        if current not in ("auto", value):
+            raise ConfigError(f"the DeepSpeed config sets {key}={current} but the run config implies {value}; "
+                              f"use \"auto\" in the DeepSpeed JSON")
+        ds[key] = value
+    zero = ds.setdefault("zero_optimization", {})
+    zero["stage3_gather_16bit_weights_on_model_save"] = True
+    offloaded = str(zero.get("offload_param", {}).get("device", "none")) not in ("none", "None")
+    if plugin.zero_stage == 3 and world == 1 and not offloaded:
+        raise ConfigError("ZeRO-3 shards parameters across processes but this launch has 1 process; "
+                          "launch with --num_processes >= 2, use launch/single.yaml, or enable parameter offload")
+    return plugin
+
+
+def build_accelerator(training, project_dir: str | None = None):
+    """Create the Accelerator for this launch (gloo on CPU, DeepSpeed when the launcher asked for it)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = []
+    launched = "LOCAL_RANK" in os.environ or launch_world_size() > 1
+    if launched and not torch.cuda.is_available():
+        # On CPU DeepSpeed needs an explicit gloo group, otherwise accelerate sees one process per rank.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    kwargs = {}
+    if deepspeed_requested():
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        kwargs["deepspeed_plugin"] = _deepspeed_plugin(training)
+    elif launched and not torch.cuda.is_available():
+        kwargs["cpu"] = True  # several CPU processes: data parallel over gloo
+    accelerator = Accelerator(gradient_accumulation_steps=training.gradient_accumulation_steps,
+                              mixed_precision=training.mixed_precision, kwargs_handlers=handlers,
+                              project_dir=project_dir, **kwargs)
+    _check_topology(accelerator)
+    return accelerator
+
+
+def _check_topology(accelerator) -> None:
+    """A launch that started N processes must train as N ranks, never as N independent runs."""
+    from accelerate.utils import DistributedType
+
+    world = launch_world_size()
+    if world > 1 and (accelerator.num_processes != world or accelerator.distributed_type == DistributedType.NO):
+        raise ConfigError(f"the launcher started {world} processes but accelerate set up "
+                          f"{accelerator.num_processes} ({accelerator.distributed_type}); check the launch config")
+
+
+def uses_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator) -> int | None:
+    if not uses_deepspeed(accelerator):
+        return None
+    return accelerator.state.deepspeed_plugin.zero_stage

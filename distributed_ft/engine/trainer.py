@@ -1,0 +1,151 @@
+"""The training loop on Accelerate: global-batch sampling, accumulation, clipping, logging, checkpoints.
+
+Every rank draws the same global batch of example indices from the mixing sampler and takes its
+own slice. Each rank therefore knows the global count of loss terms, and the loss it backpropagates
+is scaled so that the gradient equals the mean over the whole global batch, exactly as one process
+with the same global batch would compute it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from distributed_ft.engine.checkpoint import CheckpointManager, resolve_resume
+from distributed_ft.engine.distributed import uses_deepspeed
+from distributed_ft.engine.logging import logger
+from distributed_ft.engine.losses import loss_terms, per_example_loss
+from distributed_ft.engine.optim import build_optimizer, build_scheduler
+from distributed_ft.engine.signals import StopRequest
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float] = field(default_factory=list)
+    stopped_by: str | None = None
+    resumed_from: str | None = None
+
+
+class Trainer:
+    def __init__(self, *, config, accelerator, model, tokenizer, data, run_dir: Path, run_logger,
+                 on_step=None, on_prepared=None):
+        self.config, self.acc, self.data = config, accelerator, data
+        self.training = config.training
+        self.task = config.model.task
+        self.tokenizer = tokenizer
+        self.run_dir = Path(run_dir)
+        self.log = run_logger
+        self.on_step = on_step
+        self.on_prepared = on_prepared
+        self.pad_id = tokenizer.pad_token_id
+        self.terms = [loss_terms(ex, self.task) for ex in data.train]
+        self.lengths = [len(ex["input_ids"]) for ex in data.train]
+        self.model = model
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", accelerator,
+                                             self.training.keep_checkpoints)
+
+    def _prepare(self):
+        optimizer = build_optimizer(self.model, self.training)
+        self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
+        self.scheduler = build_scheduler(self.optimizer, self.training)
+        self.acc.register_for_checkpointing(self.scheduler)
+        if self.on_prepared is not None:
+            self.on_prepared(self.model)
+
+    def train(self, sampler) -> TrainResult:
+        from distributed_ft.data import collate
+
+        self._prepare()
+        acc, training = self.acc, self.training
+        world, rank, micro, accum = acc.num_processes, acc.process_index, training.micro_batch_size, \
+            training.gradient_accumulation_steps
+        self.checkpoints.clean_incomplete()
+        result = TrainResult(step=0)
+        resume = resolve_resume(training.resume_from, self.checkpoints.root)
+        if resume is not None:
+            state = self.checkpoints.load(resume)
+            sampler.load_state_dict(state["sampler"])
+            result.step, result.resumed_from = state["step"], str(resume)
+            logger.info(f"resumed from {resume} at step {result.step}")
+        self.log.rewind(result.step)
+        stop = StopRequest()
+        n_tasks = len(self.data.tasks)
+        self.model.train()
+        try:
+            while result.step < training.max_steps:
+                started = time.perf_counter()
+                global_idx = sampler.next_indices(micro * accum * world)
+                n_terms = sum(self.terms[i] for i in global_idx)
+                stats = torch.zeros(2 * n_tasks + 2, dtype=torch.float64)
+                grad_norm = None
+                for a in range(accum):
+                    offset = (a * world + rank) * micro
+                    examples = [self.data.train[i] for i in global_idx[offset:offset + micro]]
+                    batch = {k: v.to(acc.device) for k, v in collate(examples, self.pad_id).items()}
+                    with acc.accumulate(self.model):
+                        per_example = self._forward(batch)
+                        acc.backward(per_example.sum() / n_terms * world * accum)
+                        if acc.sync_gradients and training.max_grad_norm and not uses_deepspeed(acc):
+                            grad_norm = acc.clip_grad_norm_(self.model.parameters(), training.max_grad_norm)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    tasks = batch["task_ids"].cpu()
+                    stats[:n_tasks].index_add_(0, tasks, per_example.detach().double().cpu())
+                    stats[n_tasks:2 * n_tasks].index_add_(0, tasks, torch.tensor(
+                        [float(self.terms[i]) for i in global_idx[offset:offset + micro]], dtype=torch.float64))
+                lr = self.scheduler.get_last_lr()[0]  # the rate this step used
+                self.scheduler.step()
+                result.step += 1
+                stats[-1] = 1.0 if stop.requested else 0.0
+                stats = acc.reduce(stats.to(acc.device), reduction="sum").cpu()
+                loss = float(stats[:n_tasks].sum() / n_terms)
+                result.losses.append(loss)
+                if uses_deepspeed(acc):
+                    grad_norm = self.model.get_global_grad_norm()
+                elapsed = time.perf_counter() - started
+                tokens = sum(self.lengths[i] for i in global_idx)
+                self._log(result.step, loss, lr, stats, n_tasks, grad_norm, tokens / elapsed)
+                if self.on_step is not None:
+                    self.on_step(result.step, self.model)
+                if stats[-1] > 0:
+                    result.stopped_by = stop.signal_name or "signal on another rank"
+                    self._save(result.step, sampler)
+                    logger.info(f"stopping at step {result.step} ({result.stopped_by}); checkpoint saved")
+                    break
+                every = training.checkpoint_every
+                if every and result.step % every == 0 and result.step < training.max_steps:
+                    self._save(result.step, sampler)
+        finally:
+            stop.restore()
+        return result
+
+    def _forward(self, batch: dict) -> torch.Tensor:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if "position_ids" in batch:
+            inputs["position_ids"] = batch["position_ids"]
+        logits = self.model(**inputs).logits
+        return per_example_loss(logits, batch["labels"], self.task)
+
+    def _log(self, step, loss, lr, stats, n_tasks, grad_norm, tokens_per_s) -> None:
+        if not (step % self.config.logging.log_every == 0 or step == 1 or step == self.training.max_steps):
+            self.log.progress(step, loss, tokens_per_s)
+            return
+        row = {"step": step, "loss": loss, "lr": lr,
+               "tokens_per_s": round(tokens_per_s, 1)}
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        if n_tasks > 1:
+            for t, name in enumerate(self.data.tasks):
+                if stats[n_tasks + t] > 0:
+                    row[f"loss/{name}"] = float(stats[t] / stats[n_tasks + t])
+        self.log.log(row)
+        self.log.progress(step, loss, tokens_per_s)
+
+    def _save(self, step: int, sampler) -> Path:
+        return self.checkpoints.save(step, {"sampler": sampler.state_dict()})
+
+    def save_checkpoint(self, step: int, sampler) -> Path:
+        return self._save(step, sampler)

@@ -1,0 +1,74 @@
+"""Loading models and tokenizers: Hugging Face ids, local folders and the built-in tiny model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from distributed_ft.errors import ModelError
+from distributed_ft.models.builtin import builtin_model_path
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def resolve_model_path(model_cfg) -> str:
+    if model_cfg.builtin:
+        return str(builtin_model_path(model_cfg.builtin))
+    name = model_cfg.name_or_path
+    looks_local = name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise ModelError(f"model folder does not exist: {name}")
+    return str(Path(name).expanduser()) if looks_local else name
+
+
+def load_tokenizer(path: str, model_cfg):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load the tokenizer of '{path}': {str(err).splitlines()[0]}") from None
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer) -> bool:
+    """Give the tokenizer a pad token; return True when a new token was added (embeddings must grow).
+
+    A dedicated pad token is added rather than reusing EOS. Labels are masked by position in this
+    project, never by token id, so even a pad == eos tokenizer keeps its EOS labels.
+    """
+    if tokenizer.pad_token is not None:
+        return False
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return True
+
+
+def load_model_and_tokenizer(model_cfg, num_labels: int | None = None):
+    """Load (model, tokenizer, path) for the configured task through `from_pretrained`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = resolve_model_path(model_cfg)
+    tokenizer = load_tokenizer(path, model_cfg)
+    added = ensure_pad_token(tokenizer)
+    kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
+                  dtype=getattr(torch, DTYPES[model_cfg.dtype]))
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    try:
+        if model_cfg.task == "causal_lm":
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        else:
+            labels = 1 if model_cfg.task == "regression" else (model_cfg.num_labels or num_labels or 2)
+            problem = "regression" if model_cfg.task == "regression" else "single_label_classification"
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=labels, problem_type=problem, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load model '{path}': {str(err).splitlines()[0]}") from None
+    if added:
+        model.resize_token_embeddings(len(tokenizer))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, tokenizer, path

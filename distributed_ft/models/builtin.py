@@ -1,0 +1,76 @@
+"""The built-in tiny model: a small Llama built from a config, with a tokenizer trained locally.
+
+It is written once into a cache folder and always loaded back through `from_pretrained`,
+so the quickstart and the tests exercise the same loading path as a real model, with no download.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+BUILTIN_VERSION = "tiny-v1"
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DFT_CACHE_DIR", Path.home() / ".cache" / "distributed_ft"))
+
+
+def builtin_model_path(name: str = "tiny") -> Path:
+    """Return the folder of a built-in model, building it first if it is not cached yet."""
+    if name != "tiny":
+        raise ValueError(f"unknown built-in model {name!r}")
+    target = cache_root() / "builtin" / BUILTIN_VERSION
+    if not (target / "config.json").is_file():
+        _build_atomically(target)
+    return target
+
+
+def _build_atomically(target: Path) -> None:
+    # Every rank may get here at once; each builds the same deterministic folder in a private
+    # temporary directory and the first rename wins, so no reader ever sees a half-written one.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        _build_tiny(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_builtin_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from distributed_ft.data.builtin import builtin_corpus
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(), pre_tokenizers.Digits(individual_digits=True)])
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS, min_frequency=2)
+    tok.train_from_iterator(builtin_corpus(seed=0), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>", model_max_length=512)
+
+
+def _build_tiny(folder: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_builtin_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)

@@ -1,0 +1,109 @@
+"""load_trained(): reload whatever a strategy saved (plain model folder, PEFT adapter, bottleneck adapters)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from torch import nn
+
+from distributed_ft.errors import ModelError
+from distributed_ft.strategies import bottleneck
+from distributed_ft.strategies.common import BASE_INFO_FILE, TASKS
+
+
+def task_from_config(config: Any) -> str | None:
+    """Model task from config.architectures (…ForCausalLM / …ForSequenceClassification)."""
+    archs = list(getattr(config, "architectures", None) or [])
+    for arch in archs:
+        if arch.endswith("ForSequenceClassification"):
+            return "regression" if getattr(config, "problem_type", None) == "regression" else "sequence_classification"
+        if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
+            return "causal_lm"
+    return None
+
+
+def _model_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _config_from_dict(data: dict):
+    from transformers import AutoConfig
+
+    data = {k: v for k, v in data.items() if k not in ("transformers_version", "_name_or_path")}
+    return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+def _load_base(base: str | None, task: str | None, saved: dict | None, path: str, kwargs: dict) -> nn.Module:
+    """The base model an adapter folder was trained on, configured as it was during training."""
+    base = base or (saved or {}).get("base_model")
+    if not base:
+        raise ModelError(f"{path}: the base model path is not recorded; pass base=<model folder or id>")
+    config = None
+    if saved and saved.get("model_config"):
+        config = _config_from_dict(saved["model_config"])
+    task = task or (saved or {}).get("task") or (task_from_config(config) if config else None)
+    if task is None:
+        from transformers import AutoConfig
+
+        task = task_from_config(AutoConfig.from_pretrained(base)) or "causal_lm"
+    if task not in TASKS:
+        raise ModelError(f"{path}: unknown task '{task}'; expected one of: {', '.join(TASKS)}")
+    extra = dict(kwargs)
+    if config is not None:
+        extra["config"] = config
+    try:
+        return _model_class(task).from_pretrained(base, **extra)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path}: cannot load base model '{base}': {str(err).splitlines()[0]}") from None
+
+
+def load_trained(path: str, base: str | None = None, task: str | None = None, **kwargs: Any) -> nn.Module:
+    """Load a trained model saved by any strategy, ready for inference (eval mode).
+
+    - a plain model folder (config.json): AutoModelForCausalLM or AutoModelForSequenceClassification, chosen
+      from config.architectures (or `task`);
+    - a PEFT adapter folder (adapter_config.json): base model + peft.PeftModel.from_pretrained;
+    - a bottleneck adapter folder (bottleneck_config.json): base model + adapters re-attached and loaded.
+    `base` overrides the recorded base model path; extra keyword arguments go to from_pretrained (e.g. dtype).
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ModelError(f"trained model folder not found: {path}")
+    if os.path.isfile(os.path.join(path, bottleneck.CONFIG_FILE)):
+        meta = bottleneck.read_config(path)
+        model = _load_base(base, task or meta.get("task"), meta, path, kwargs)
+        bottleneck.load_into(model, path)
+    elif os.path.isfile(os.path.join(path, "adapter_config.json")):
+        from peft import PeftModel
+
+        saved = _read_json(os.path.join(path, BASE_INFO_FILE))
+        if task is None and not saved:
+            adapter_cfg = _read_json(os.path.join(path, "adapter_config.json")) or {}
+            task = "sequence_classification" if adapter_cfg.get("task_type") == "SEQ_CLS" else None
+            base = base or adapter_cfg.get("base_model_name_or_path")
+        model = PeftModel.from_pretrained(_load_base(base, task, saved, path, kwargs), path)
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        from transformers import AutoConfig
+
+        task = task or task_from_config(AutoConfig.from_pretrained(path))
+        if task is None:
+            raise ModelError(f"{path}: cannot tell the model task from config.architectures; pass task=")
+        try:
+            model = _model_class(task).from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"{path}: cannot load model: {str(err).splitlines()[0]}") from None
+    else:
+        raise ModelError(f"{path}: not a model folder (no config.json, adapter_config.json or "
+                         f"{bottleneck.CONFIG_FILE})")
+    model.eval()
+    return model

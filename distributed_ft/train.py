@@ -1,0 +1,140 @@
+"""`dft train`: parse config, build components, train, save, evaluate, clean up.
+
+`TrainingRun` holds the stages so a user's own script under `accelerate launch` can drive them
+one by one; `run_train` is the linear path the CLI takes.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from distributed_ft.errors import ConfigError
+
+EXIT_STOPPED = 3  # stopped by a signal after saving a checkpoint; rerun with resume_from=latest
+
+
+class TrainingRun:
+    def __init__(self, config_path: str, overrides: list[str] | None = None):
+        from accelerate.utils import set_seed
+
+        from distributed_ft.config import load_config
+        from distributed_ft.engine.distributed import build_accelerator
+        from distributed_ft.engine.logging import setup_console_logging
+        from distributed_ft.strategies import get_strategy
+
+        self.config_path = str(config_path)
+        self.config = load_config(config_path, overrides)
+        self.accelerator = build_accelerator(self.config.training)
+        setup_console_logging(self.accelerator.is_main_process)
+        self.run_dir = self._check_run_dir()
+        self.strategy = get_strategy(self.config.strategy.name)
+        set_seed(self.config.training.seed)
+        self.trainer = None
+        self.result = None
+
+    def _check_run_dir(self) -> Path:
+        """Refuse to clobber an earlier run unless asked; checked before anything is written."""
+        config = self.config
+        run_dir = Path(config.output.dir)
+        resuming = config.training.resume_from is not None
+        if run_dir.exists() and any(run_dir.iterdir()) and not (resuming or config.output.overwrite):
+            raise ConfigError(f"output.dir {run_dir} already holds a run; set training.resume_from=latest "
+                              f"to continue it or output.overwrite=true to replace it")
+        return run_dir
+
+    def build(self) -> "TrainingRun":
+        """Load model, tokenizer and data and apply the strategy; nothing is written before this succeeds."""
+        from distributed_ft.data import build_data
+        from distributed_ft.engine.logging import logger
+        from distributed_ft.models import load_model_and_tokenizer
+        from distributed_ft.strategies import count_parameters
+
+        config = self.config
+        model, self.tokenizer, self.model_path = load_model_and_tokenizer(config.model)
+        self.data = build_data(config.data, self.tokenizer, task_type=config.model.task, seed=config.training.seed)
+        if config.model.task == "sequence_classification" and self.data.num_labels and \
+                self.data.num_labels > model.config.num_labels:
+            raise ConfigError(f"the data has {self.data.num_labels} labels but the model head has "
+                              f"{model.config.num_labels}; set model.num_labels")
+        self.model = self.strategy.apply(model, config.strategy, config.model.task)
+        trainable, total = count_parameters(self.model)
+        logger.info(f"model {self.model_path}: {total:,} parameters, {trainable:,} trainable "
+                    f"({100 * trainable / max(total, 1):.3f}%) with strategy '{self.strategy.name}'")
+        for task, counts in self.data.stats.items():
+            logger.info(f"data {task}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        self._create_run_dir()
+        return self
+
+    def _create_run_dir(self) -> None:
+        from distributed_ft.config import config_hash, config_to_dict
+
+        acc, run_dir = self.accelerator, self.run_dir
+        if acc.is_main_process:
+            if self.config.output.overwrite and self.config.training.resume_from is None and run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            header = f"# resolved config of {self.config_path} (hash {config_hash(self.config)})\n"
+            (run_dir / "config.yaml").write_text(header + yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+        acc.wait_for_everyone()
+
+    def train(self):
+        from distributed_ft.config import config_to_dict
+        from distributed_ft.data import WeightedMixSampler
+        from distributed_ft.engine.logging import RunLogger
+        from distributed_ft.engine.trainer import Trainer
+
+        acc, config = self.accelerator, self.config
+        run_logger = RunLogger(self.run_dir, config.logging, config_to_dict(config), acc.is_main_process,
+                               config.training.max_steps)
+        sampler = WeightedMixSampler(self.data.task_sizes, self.data.weights, seed=config.training.seed)
+        self.trainer = Trainer(config=config, accelerator=acc, model=self.model, tokenizer=self.tokenizer,
+                               data=self.data, run_dir=self.run_dir, run_logger=run_logger,
+                               on_prepared=self._record_rank)
+        try:
+            self.result = self.trainer.train(sampler)
+        finally:
+            run_logger.close()
+        self.model = self.trainer.model
+        return self.result
+
+    def _record_rank(self, model) -> None:
+        """Each rank writes what it holds: proof of the topology (and of ZeRO-3 sharding) in the run dir."""
+        from distributed_ft.engine.distributed import zero_stage
+
+        acc = self.accelerator
+        params = list(model.parameters())
+        local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        info = {"rank": acc.process_index, "world_size": acc.num_processes,
+                "distributed_type": str(acc.distributed_type), "zero_stage": zero_stage(acc),
+                "local_parameters": local, "total_parameters": total}
+        folder = self.run_dir / "ranks"
+        folder.mkdir(exist_ok=True)
+        (folder / f"rank-{acc.process_index}.json").write_text(json.dumps(info))
+
+    def save(self) -> Path:
+        from distributed_ft.engine.logging import logger
+        from distributed_ft.engine.save import save_final_model
+
+        final = save_final_model(self.model, self.accelerator, self.strategy, self.tokenizer, self.run_dir / "final")
+        logger.info(f"saved {final}")
+        return final
+
+    def close(self) -> None:
+        self.accelerator.end_training()
+
+
+def run_train(config_path: str, overrides: list[str]) -> int:
+    run = TrainingRun(config_path, overrides).build()
+    try:
+        if run.strategy.trains:
+            result = run.train()
+            if result.stopped_by:
+                return EXIT_STOPPED
+            run.save()
+        return 0
+    finally:
+        run.close()

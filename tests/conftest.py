@@ -1,0 +1,29 @@
+"""Shared fixtures: an isolated cache for the built-in model and helpers to run the CLI."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_environment(tmp_path_factory):
+    # One built-in model cache for the whole session, outside the user's home.
+    os.environ.setdefault("DFT_CACHE_DIR", str(tmp_path_factory.mktemp("dft-cache")))
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Several processes share two cores in CI: one thread each avoids OpenMP spin-wait collapse.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def run_dft(*args, cwd=None, env=None, timeout=600):
+    """Run `python -m distributed_ft ...` as a user would; returns the CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "distributed_ft", *map(str, args)], cwd=cwd or REPO,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,115 @@
+"""One-process training through the CLI: loss falls per strategy, frozen weights stay frozen,
+checkpoints resume to exactly the losses of an uninterrupted run, a signal stops cleanly."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, run_dft
+
+SMALL = ["eval.enabled=false", "logging.log_every=1", "data.validation_fraction=0.0",
+         "data.train.0.num_examples=400", "data.train.1.num_examples=200"]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows}
+
+
+def train(config: str, out: Path, *extra: str, expect: int = 0):
+    proc = run_dft("train", config, f"output.dir={out}", *SMALL, *extra)
+    assert proc.returncode == expect, proc.stderr[-4000:]
+    return proc
+
+
+def falls_clearly(curve: dict[int, float]) -> bool:
+    values = [curve[k] for k in sorted(curve)]
+    return sum(values[-3:]) / 3 < 0.8 * sum(values[:3]) / 3
+
+
+@pytest.mark.parametrize("config", ["full", "lora", "prefix_tuning", "adapters"])
+def test_loss_falls(tmp_path, config):
+    train(f"configs/{config}.yaml", tmp_path / "run", "training.max_steps=30", "training.warmup_steps=0")
+    assert falls_clearly(losses(tmp_path / "run")), losses(tmp_path / "run")
+
+
+def test_selective_trains_only_the_named_blocks(tmp_path):
+    from distributed_ft.models.builtin import builtin_model_path
+
+    train("configs/selective.yaml", tmp_path / "run", "training.max_steps=30", "training.warmup_steps=0",
+          "strategy.norms=false")
+    assert falls_clearly(losses(tmp_path / "run"))
+    before = load_file(str(builtin_model_path() / "model.safetensors"))
+    after = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        trainable = name.startswith(("model.layers.2.", "model.layers.3.", "lm_head."))
+        assert torch.equal(tensor, after[name]) != trainable, name
+
+
+def test_resume_from_checkpoint_gives_identical_losses(tmp_path):
+    full = tmp_path / "full"
+    train("configs/full.yaml", full, "training.max_steps=12", "training.checkpoint_every=4",
+          "training.keep_checkpoints=3", "strategy.name=lora", "strategy.dropout=0.1")
+    checkpoints = sorted(p.name for p in (full / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000004", "step-00000008"]
+    resumed = tmp_path / "resumed"
+    train("configs/full.yaml", resumed, "training.max_steps=12", "strategy.name=lora", "strategy.dropout=0.1",
+          f"training.resume_from={full / 'checkpoints' / 'step-00000004'}")
+    expected, got = losses(full), losses(resumed)
+    assert sorted(got) == list(range(5, 13))
+    for step in got:  # dropout, data order and optimizer state all continue exactly
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+
+
+def test_signal_stops_with_checkpoint_and_latest_resumes(tmp_path):
+    reference = tmp_path / "reference"
+    train("configs/full.yaml", reference, "training.max_steps=40", "training.checkpoint_every=100")
+    run = tmp_path / "run"
+    args = ["train", "configs/full.yaml", f"output.dir={run}", *SMALL, "training.max_steps=40"]
+    proc = subprocess.Popen([sys.executable, "-m", "distributed_ft", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err[-3000:]
+    stopped_at = max(losses(run))
+    assert stopped_at < 40
+    assert (run / "checkpoints" / f"step-{stopped_at:08d}" / "trainer_state.json").exists()
+    assert not (run / "final").exists()
+    train("configs/full.yaml", run, "training.max_steps=40", "training.resume_from=latest")
+    expected, got = losses(reference), losses(run)
+    assert sorted(got) == list(range(1, 41))
+    assert [got[s] for s in range(1, 41)] == pytest.approx([expected[s] for s in range(1, 41)], abs=1e-6)
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    run = tmp_path / "run"
+    train("configs/full.yaml", run, "training.max_steps=8", "training.checkpoint_every=4")
+    ckpt = run / "checkpoints"
+    # A save killed halfway: the temporary folder and a folder missing its state file.
+    (ckpt / ".tmp-step-00000006").mkdir()
+    broken = ckpt / "step-00000007"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"partial")
+    import shutil
+
+    shutil.rmtree(run / "final")
+    proc = train("configs/full.yaml", run, "training.max_steps=8", "training.resume_from=latest")
+    assert "step-00000004" in proc.stderr
+    assert not broken.exists() and not (ckpt / ".tmp-step-00000006").exists()
+    assert (run / "final" / "model.safetensors").exists()
