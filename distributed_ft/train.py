@@ -34,6 +34,7 @@ class TrainingRun:
         set_seed(self.config.training.seed)
         self.trainer = None
         self.result = None
+        self.run_logger = None
 
     def _check_run_dir(self) -> Path:
         """Refuse to clobber an earlier run unless asked; checked before anything is written."""
@@ -80,25 +81,59 @@ class TrainingRun:
             (run_dir / "config.yaml").write_text(header + yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
         acc.wait_for_everyone()
 
-    def train(self):
+    def prepare(self) -> "TrainingRun":
+        """Wrap the model for the launch: with its optimizer when it trains, alone otherwise."""
         from distributed_ft.config import config_to_dict
-        from distributed_ft.data import WeightedMixSampler
         from distributed_ft.engine.logging import RunLogger
         from distributed_ft.engine.trainer import Trainer
 
         acc, config = self.accelerator, self.config
-        run_logger = RunLogger(self.run_dir, config.logging, config_to_dict(config), acc.is_main_process,
-                               config.training.max_steps)
-        sampler = WeightedMixSampler(self.data.task_sizes, self.data.weights, seed=config.training.seed)
+        if not self.strategy.trains:
+            self.model = acc.prepare(self.model)
+            self._record_rank(self.model)
+            return self
+        self.run_logger = RunLogger(self.run_dir, config.logging, config_to_dict(config), acc.is_main_process,
+                                    config.training.max_steps)
         self.trainer = Trainer(config=config, accelerator=acc, model=self.model, tokenizer=self.tokenizer,
-                               data=self.data, run_dir=self.run_dir, run_logger=run_logger,
-                               on_prepared=self._record_rank)
+                               data=self.data, run_dir=self.run_dir, run_logger=self.run_logger,
+                               on_prepared=self._record_rank, on_step=self._periodic_eval)
+        self.trainer.prepare()
+        self.model = self.trainer.model
+        return self
+
+    def train(self):
+        if self.trainer is None:
+            self.prepare()
         try:
-            self.result = self.trainer.train(sampler)
+            self.result = self.trainer.train(self.data.sampler(self.config.training.seed))
         finally:
-            run_logger.close()
+            self.run_logger.close()
         self.model = self.trainer.model
         return self.result
+
+    # --- evaluation -------------------------------------------------------------------------
+    def _evaluator(self):
+        from distributed_ft.run_eval import RunEvaluator
+
+        if getattr(self, "_eval", None) is None:
+            self._eval = RunEvaluator(self)
+        return self._eval
+
+    def evaluate_baseline(self):
+        """The model before training, evaluated once per run (kept on disk across resumes)."""
+        if self.config.eval.enabled:
+            return self._evaluator().baseline()
+        return None
+
+    def evaluate_final(self):
+        if self.config.eval.enabled:
+            return self._evaluator().final()
+        return None
+
+    def _periodic_eval(self, step: int, model) -> None:
+        every = self.config.eval.every_n_steps
+        if self.config.eval.enabled and every and step % every == 0 and step < self.config.training.max_steps:
+            self._evaluator().during_training(step)
 
     def _record_rank(self, model) -> None:
         """Each rank writes what it holds: proof of the topology (and of ZeRO-3 sharding) in the run dir."""
@@ -128,13 +163,15 @@ class TrainingRun:
 
 
 def run_train(config_path: str, overrides: list[str]) -> int:
-    run = TrainingRun(config_path, overrides).build()
+    run = TrainingRun(config_path, overrides).build().prepare()
     try:
+        run.evaluate_baseline()
         if run.strategy.trains:
             result = run.train()
             if result.stopped_by:
                 return EXIT_STOPPED
             run.save()
+        run.evaluate_final()
         return 0
     finally:
         run.close()

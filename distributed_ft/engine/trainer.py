@@ -47,7 +47,10 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", accelerator,
                                              self.training.keep_checkpoints)
 
-    def _prepare(self):
+    def prepare(self):
+        """Wrap model and optimizer for the launch (DDP, DeepSpeed engine); idempotent."""
+        if getattr(self, "optimizer", None) is not None:
+            return
         optimizer = build_optimizer(self.model, self.training)
         self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.training)
@@ -58,7 +61,7 @@ class Trainer:
     def train(self, sampler) -> TrainResult:
         from distributed_ft.data import collate
 
-        self._prepare()
+        self.prepare()
         acc, training = self.acc, self.training
         world, rank, micro, accum = acc.num_processes, acc.process_index, training.micro_batch_size, \
             training.gradient_accumulation_steps

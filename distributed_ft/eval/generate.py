@@ -86,6 +86,17 @@ def _unwrapped(model: torch.nn.Module, accelerator: Any) -> Iterator[torch.nn.Mo
             yield bare
 
 
+def _needs_synced_steps(accelerator: Any) -> bool:
+    """Whether every process must run the same number of decoding steps.
+
+    Under ZeRO-3 the model keeps a start-of-forward hook that checks its trace with a small collective on
+    every forward pass, even while the parameters are gathered; so ranks keep stepping (HF's synced_gpus)
+    until all of them are done. The parameters are still gathered once per batch.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return accelerator.num_processes > 1 and plugin is not None and plugin.zero_stage == 3
+
+
 def _gather(pairs: list[tuple[int, Any]], n: int, accelerator: Any) -> list[Any]:
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
@@ -117,8 +128,7 @@ def generate_predictions(model: torch.nn.Module, tokenizer: Any, prompts: list[s
                            accelerator.process_index, cfg.batch_size)
     dummy = min(range(n), key=lambda i: len(prompts[i]))
     gen_kwargs: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample,
-                                  # parameters are already gathered: no per-token cross-process sync
-                                  "synced_gpus": False}
+                                  "synced_gpus": _needs_synced_steps(accelerator)}
     if cfg.do_sample:
         gen_kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
     local: list[tuple[int, str]] = []
