@@ -125,3 +125,53 @@ def _loss_history(run_dir: Path) -> list[dict]:
     if not path.exists():
         return []
     return [row for row in map(json.loads, path.read_text().splitlines()) if "loss" in row]
+
+
+def resolve_trained_path(name: str) -> Path | None:
+    """A run directory means its final model; a folder with an adapter or model is used as is."""
+    path = Path(name).expanduser()
+    if (path / "final").is_dir():
+        path = path / "final"
+    markers = ("adapter_config.json", "bottleneck_config.json", "config.json")
+    return path if path.is_dir() and any((path / m).exists() for m in markers) else None
+
+
+def evaluate_config(config_path: str, overrides: list[str]) -> int:
+    """`dft eval CONFIG`: evaluate the config's model (base, run directory, saved model or adapter)
+    on the config's validation data, sharded over the launch, and write the report to output.dir/eval."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import set_seed
+
+    from distributed_ft.config import load_config
+    from distributed_ft.data import build_data
+    from distributed_ft.engine.distributed import build_accelerator
+    from distributed_ft.engine.logging import setup_console_logging
+    from distributed_ft.models import ensure_pad_token, load_model_and_tokenizer, load_tokenizer
+    from distributed_ft.strategies import get_strategy, load_trained
+
+    config = load_config(config_path, overrides)
+    accelerator = build_accelerator(config.training)
+    setup_console_logging(accelerator.is_main_process)
+    set_seed(config.training.seed)
+    trained = resolve_trained_path(config.model.name_or_path) if config.model.name_or_path else None
+    adapter = trained is not None and any((trained / f).exists()
+                                          for f in ("adapter_config.json", "bottleneck_config.json"))
+    if adapter:
+        model = load_trained(str(trained), task=config.model.task)
+        tokenizer = load_tokenizer(str(trained), config.model)
+        ensure_pad_token(tokenizer)
+        model_path = str(trained)
+    else:  # a Hub id or a plain model folder (a run's final model included)
+        if trained is not None:
+            config.model.name_or_path = str(trained)
+        model, tokenizer, model_path = load_model_and_tokenizer(config.model)
+    data = build_data(config.data, tokenizer, task_type=config.model.task, seed=config.training.seed)
+    strategy = get_strategy(config.strategy.name)
+    run = SimpleNamespace(config=config, data=data, tokenizer=tokenizer, accelerator=accelerator,
+                          model=accelerator.prepare(model.eval()), model_path=model_path,
+                          strategy=SimpleNamespace(name=strategy.name, trains=False),
+                          run_dir=Path(config.output.dir), result=None, run_logger=None)
+    RunEvaluator(run).final()
+    accelerator.end_training()
+    return 0

@@ -62,9 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_eval_from_config(config_path: str, overrides: list[str]) -> int:
-    """Evaluate the model of a run config with `distributed_ft.eval.evaluate` (wired up by the train pipeline).
+    """`dft eval CONFIG`: evaluate the config's model on its validation data (see distributed_ft.run_eval)."""
+    from distributed_ft.run_eval import evaluate_config
 
-    Not available yet: the config -> model/tokenizer/eval-records path belongs to the run pipeline.
-    """
-    raise EvalError(f"{config_path}: evaluating a run config is not available yet; "
-                    f"use dft eval --predictions FILE.jsonl")
+    return evaluate_config(config_path, overrides)

@@ -73,5 +73,7 @@ def test_metrics_identical(runs, name):
 
 
 def test_zero3_gathers_once_per_batch(runs):
-    # 7 prompts, 2 ranks, batch 3: shards of 4 and 3 -> 2 generate batches on each rank (one is padded)
+    # 7 prompts, 2 ranks, batch 3: shards of 4 and 3 -> 2 generate batches on each rank. Rank 1's second
+    # batch is a dummy asking for one token while rank 0 decodes more: without synced decoding steps
+    # under ZeRO-3 this run would hang rather than finish.
     assert runs["zero3"]["generate_gathers"] == 2

@@ -132,3 +132,6 @@ def test_dft_eval_command(tmp_path, capsys):
     preds.write_text(json.dumps({"prediction": "4", "reference": "4"}) + "\n")
     assert main(["eval", "--predictions", str(preds), "--metrics", "exact_match"]) == 0
     assert "1.0000" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "missing.yaml")]) == 2  # a run config goes to the run evaluator
+    err = capsys.readouterr().err.strip()
+    assert "missing.yaml" in err and "\n" not in err
