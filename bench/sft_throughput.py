@@ -5,7 +5,8 @@
 Builds a randomly initialised 4.2M-parameter fp32 Llama (hidden 256, 4 layers, vocab 2000) and rows of
 exactly 256 tokens, then trains batch 16 x 256 with AdamW through
   engine: TrainingRun(config).build().train(), one process, the path of `dft train`;
-  trl:    trl.SFTTrainer on the pre-tokenised rows (use_cpu, no eval, no saving, logging off);
+  trl:    trl.SFTTrainer on the pre-tokenised rows (use_cpu, fp32 without activation checkpointing like
+          the others, no eval, no saving, logging off; its own fused LM-head loss and metrics stay on);
   plain:  model(input_ids, labels=input_ids).loss.backward(); AdamW step; zero_grad.
 Each variant runs in its own fresh process, one after the other, `--rounds` times alternating; a run's
 throughput is 4096 tokens over its median step time after `--warmup` steps (start-up, model loading and
@@ -102,6 +103,9 @@ def run_trl(work: Path, steps: int, threads: int) -> dict:
     args = SFTConfig(output_dir=str(work / "trl-run"), per_device_train_batch_size=BATCH, max_steps=steps,
                      learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
                      weight_decay=0.0, max_grad_norm=1.0, max_length=SEQ_LEN, packing=False, use_cpu=True,
+                     # TRL's defaults are bf16 autocast and activation checkpointing; the comparison is fp32
+                     # without recomputation, as the engine and the plain loop run.
+                     bf16=False, fp16=False, activation_checkpointing=False,
                      logging_steps=10 ** 6, save_strategy="no", eval_strategy="no", report_to=[],
                      disable_tqdm=True, dataloader_num_workers=0, seed=42)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": rows}),

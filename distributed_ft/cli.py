@@ -62,21 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     strategies = sub.add_parser("strategies", help="list the registered fine-tuning strategies")
     strategies.set_defaults(func=_cmd_strategies)
 
-    for module in ("distributed_ft.eval.cli", "distributed_ft.grader.cli"):
-        _add_optional(sub, module)
+    from distributed_ft.eval import cli as eval_cli
+    from distributed_ft.grader import cli as grader_cli
+
+    eval_cli.add_subparser(sub)
+    grader_cli.add_subparser(sub)
     return parser
-
-
-def _add_optional(sub, module_name: str) -> None:
-    import importlib
-
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:
-            raise
-        return
-    module.add_subparser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from distributed_ft.data import collate
 from distributed_ft.engine.checkpoint import CheckpointManager, resolve_resume
 from distributed_ft.engine.distributed import uses_deepspeed
 from distributed_ft.engine.logging import logger
@@ -59,12 +60,9 @@ class Trainer:
             self.on_prepared(self.model)
 
     def train(self, sampler) -> TrainResult:
-        from distributed_ft.data import collate
-
         self.prepare()
         acc, training = self.acc, self.training
-        world, rank, micro, accum = acc.num_processes, acc.process_index, training.micro_batch_size, \
-            training.gradient_accumulation_steps
+        world, micro, accum = acc.num_processes, training.micro_batch_size, training.gradient_accumulation_steps
         self.checkpoints.clean_incomplete()
         result = TrainResult(step=0)
         resume = resolve_resume(training.resume_from, self.checkpoints.root)
@@ -81,24 +79,8 @@ class Trainer:
             while result.step < training.max_steps:
                 started = time.perf_counter()
                 global_idx = sampler.next_indices(micro * accum * world)
-                n_terms = sum(self.terms[i] for i in global_idx)
-                stats = torch.zeros(2 * n_tasks + 2, dtype=torch.float64)
-                grad_norm = None
-                for a in range(accum):
-                    offset = (a * world + rank) * micro
-                    examples = [self.data.train[i] for i in global_idx[offset:offset + micro]]
-                    batch = {k: v.to(acc.device) for k, v in collate(examples, self.pad_id).items()}
-                    with acc.accumulate(self.model):
-                        per_example = self._forward(batch)
-                        acc.backward(per_example.sum() / n_terms * world * accum)
-                        if acc.sync_gradients and training.max_grad_norm and not uses_deepspeed(acc):
-                            grad_norm = acc.clip_grad_norm_(self.model.parameters(), training.max_grad_norm)
-                        self.optimizer.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-                    tasks = batch["task_ids"].cpu()
-                    stats[:n_tasks].index_add_(0, tasks, per_example.detach().double().cpu())
-                    stats[n_tasks:2 * n_tasks].index_add_(0, tasks, torch.tensor(
-                        [float(self.terms[i]) for i in global_idx[offset:offset + micro]], dtype=torch.float64))
+                n_terms = max(1, sum(self.terms[i] for i in global_idx))
+                stats, grad_norm = self._step(global_idx, n_terms, n_tasks)
                 lr = self.scheduler.get_last_lr()[0]  # the rate this step used
                 self.scheduler.step()
                 result.step += 1
@@ -125,6 +107,33 @@ class Trainer:
             stop.restore()
         return result
 
+    def _step(self, global_idx: list[int], n_terms: int, n_tasks: int):
+        """One optimizer step over this rank's slices of the global batch.
+
+        Returns per-task loss sums and loss-term counts (plus a slot for the stop flag) and the
+        gradient norm when it is known here.
+        """
+        acc, training = self.acc, self.training
+        world, rank, micro = acc.num_processes, acc.process_index, training.micro_batch_size
+        accum = training.gradient_accumulation_steps
+        stats = torch.zeros(2 * n_tasks + 1, dtype=torch.float64)
+        grad_norm = None
+        for a in range(accum):
+            local = global_idx[(a * world + rank) * micro:(a * world + rank + 1) * micro]
+            batch = {k: v.to(acc.device) for k, v in collate([self.data.train[i] for i in local], self.pad_id).items()}
+            with acc.accumulate(self.model):
+                per_example = self._forward(batch)
+                acc.backward(per_example.sum() / n_terms * world * accum)
+                if acc.sync_gradients and training.max_grad_norm and not uses_deepspeed(acc):
+                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), training.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            tasks = batch["task_ids"].cpu()
+            stats[:n_tasks].index_add_(0, tasks, per_example.detach().double().cpu())
+            stats[n_tasks:2 * n_tasks].index_add_(0, tasks, torch.tensor([float(self.terms[i]) for i in local],
+                                                                          dtype=torch.float64))
+        return stats, grad_norm
+
     def _forward(self, batch: dict) -> torch.Tensor:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if "position_ids" in batch:
@@ -149,6 +158,3 @@ class Trainer:
 
     def _save(self, step: int, sampler) -> Path:
         return self.checkpoints.save(step, {"sampler": sampler.state_dict()})
-
-    def save_checkpoint(self, step: int, sampler) -> Path:
-        return self._save(step, sampler)

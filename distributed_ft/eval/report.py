@@ -98,7 +98,8 @@ def _plot_loss(path: Path, loss_history: list[dict]) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss", color="tab:blue")
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], "." if len(rows) > 40 else "o", linestyle="-",
+            markersize=3, label="train loss", color="tab:blue")
     evals = [r for r in loss_history if r.get("eval_loss") is not None and r.get("step") is not None]
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss",

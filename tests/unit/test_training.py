@@ -113,3 +113,19 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
     assert "step-00000004" in proc.stderr
     assert not broken.exists() and not (ckpt / ".tmp-step-00000006").exists()
     assert (run / "final" / "model.safetensors").exists()
+
+
+def test_wandb_offline_run_holds_no_secret(tmp_path):
+    run = tmp_path / "run"
+    secret = "sk-test-0123456789abcdef"
+    proc = run_dft("train", "configs/full.yaml", f"output.dir={run}", *SMALL, "training.max_steps=3",
+                   "training.warmup_steps=0", "logging.wandb.mode=offline", "logging.wandb.project=dft-test",
+                   env={"WANDB_MODE": "offline", "WANDB_API_KEY": secret})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    for path in run.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    logged = (run / "config.yaml").read_text()
+    assert "api_key" not in logged.lower()

@@ -1,0 +1,1 @@
+"""Running on clusters: memory planning per GPU (`dft plan`) and Slurm job scripts (`dft slurm`)."""

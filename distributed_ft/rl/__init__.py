@@ -1,0 +1,1 @@
+"""PPO fine-tuning against a grader service: config, rollouts, math, the update loop and its evaluation."""

@@ -1,0 +1,76 @@
+"""The trained module: policy plus value head (on the policy backbone or on a separate base copy).
+
+Policy and critic live in one nn.Module so the launch wraps ONE engine with ONE optimizer (DDP or DeepSpeed,
+ZeRO-3 included). `forward(mode=...)` picks what is computed; the reference policy of PEFT strategies is the
+same module with its adapter disabled, so no second copy of the weights exists.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a core dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def backbone_of(causal_lm: nn.Module) -> nn.Module:
+    """The transformer body of a causal LM (LlamaModel inside LlamaForCausalLM): hidden states without the head."""
+    body = getattr(causal_lm, "base_model_prefix", None)
+    return getattr(causal_lm, body) if body and hasattr(causal_lm, body) else causal_lm
+
+
+class PolicyWithValue(nn.Module):
+    def __init__(self, policy: nn.Module, hidden_size: int, critic_backbone: nn.Module | None = None):
+        super().__init__()
+        self.policy = policy
+        # accelerate fills DeepSpeed's "auto" bucket sizes from `model.config.hidden_size`.
+        self.config = getattr(policy, "config", None)
+        self.critic_backbone = critic_backbone  # None: the value head reads the policy's last hidden state
+        self.value_head = nn.Linear(hidden_size, 1)
+        # A zero value head starts every value at 0: advantages begin as plain (KL-shaped) returns.
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def shared(self) -> bool:
+        return self.critic_backbone is None
+
+    # What trl's unwrap_model_for_generation asks of the module it unwraps.
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+            if hasattr(type(self.policy), name) or hasattr(self.policy, name):
+                return bool(getattr(self.policy, name))
+        return False
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.policy.gradient_checkpointing_disable()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    def forward(self, input_ids, attention_mask, position_ids=None, mode: str = "policy_value"):
+        """mode: "policy_value" -> (logits, values); "policy" -> (logits, None); "reference" -> (logits, None)."""
+        length = input_ids.shape[1]
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if mode == "reference":
+            if not is_peft(self.policy):
+                raise RuntimeError("the reference of a non-PEFT policy is a separate frozen model")
+            with self.policy.disable_adapter():
+                return self.policy(**inputs).logits[:, -length:], None
+        want_values = mode == "policy_value"
+        out = self.policy(**inputs, output_hidden_states=want_values and self.shared, use_cache=False)
+        logits = out.logits[:, -length:]  # prompt-learning adapters prepend virtual tokens
+        if not want_values:
+            return logits, None
+        if self.shared:
+            hidden = out.hidden_states[-1][:, -length:]
+        else:
+            hidden = self.critic_backbone(**inputs, use_cache=False).last_hidden_state
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        return logits, values

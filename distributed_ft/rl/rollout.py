@@ -1,0 +1,100 @@
+"""Rollouts: encode prompts, sample responses, and score tokens with policy, reference and value passes.
+
+Layout of one batch: queries left-padded to a common length P, responses right-padded to max_new_tokens R.
+Position ids follow the attention mask (as `generate` does) so forward passes see the same positions as
+sampling. A response token is real up to and including the first EOS.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from distributed_ft.rl.math import entropy_from_logits, logprobs_from_logits
+
+
+@dataclass
+class Rollout:
+    query: torch.Tensor           # [n, P] long, left padded
+    query_mask: torch.Tensor      # [n, P] long
+    response: torch.Tensor        # [n, R] long, right padded
+    mask: torch.Tensor            # [n, R] float: real response tokens
+    texts: list[str]
+    items: list[dict]
+    prompts: list[str]
+    logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    scores: torch.Tensor | None = None     # [n] float, 0 where unscorable
+    scorable: torch.Tensor | None = None   # [n] float 0/1
+    errors: list[str | None] = field(default_factory=list)
+
+
+def encode_queries(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    from distributed_ft.data import encode_prompt
+
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        if e:
+            ids[i, width - len(e):] = torch.tensor(e)
+            mask[i, width - len(e):] = 1
+    return ids, mask
+
+
+def response_mask(response: torch.Tensor, eos_id: int | None, pad_id: int | None = None) -> torch.Tensor:
+    """1 for tokens up to and including the first EOS; 0 after it."""
+    if eos_id is None:
+        return torch.ones_like(response, dtype=torch.float32)
+    is_eos = (response == eos_id).long()
+    before = is_eos.cumsum(1) - is_eos  # EOS tokens strictly before each position
+    return (before == 0).float()
+
+
+def generate(policy, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int, do_sample: bool,
+             temperature: float, top_p: float, eos_id: int | None, pad_id: int) -> torch.Tensor:
+    """Responses [n, max_new_tokens] (right padded with pad_id) from an unwrapped (gathered) policy."""
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True)
+    if do_sample:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    with torch.no_grad():
+        out = policy.generate(input_ids=query, attention_mask=query_mask, **kwargs)
+    response = out[:, query.shape[1]:]
+    if response.shape[1] < max_new_tokens:
+        pad = torch.full((response.shape[0], max_new_tokens - response.shape[1]), pad_id, dtype=response.dtype,
+                         device=response.device)
+        response = torch.cat([response, pad], 1)
+    return response
+
+
+def decode(tokenizer, response: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    return [tokenizer.decode(r[m > 0].tolist(), skip_special_tokens=True)
+            for r, m in zip(response.cpu(), mask.cpu())]
+
+
+def model_inputs(query, query_mask, response, mask) -> dict:
+    attention = torch.cat([query_mask, mask.to(query_mask.dtype)], 1)
+    position_ids = (attention.cumsum(1) - 1).clamp(min=0)
+    return {"input_ids": torch.cat([query, response], 1), "attention_mask": attention, "position_ids": position_ids}
+
+
+def score_tokens(model, query, query_mask, response, mask, *, mode: str, temperature: float,
+                 want_entropy: bool = False):
+    """(logprobs, values | None, entropy | None) of the response tokens, each [n, R].
+
+    The logits at position P+t-1 predict response token t; the value there is the state's value before it.
+    """
+    inputs = model_inputs(query, query_mask, response, mask)
+    logits, values = model(**inputs, mode=mode)
+    start = query.shape[1] - 1
+    logits = logits[:, start:start + response.shape[1]].float() / temperature
+    logprobs = logprobs_from_logits(logits, response)
+    entropy = entropy_from_logits(logits) if want_entropy else None
+    if values is not None:
+        values = values[:, start:start + response.shape[1]].float()
+    return logprobs, values, entropy

@@ -1,0 +1,326 @@
+"""The PPO loop: rollout (generate -> grade asynchronously -> reference/value passes) then clipped updates.
+
+Every rank takes its own slice of each step's prompts. Statistics that steer the update (reward
+normalisation, advantage whitening, the per-minibatch token count that scales the loss) are reduced over all
+ranks, so N ranks compute the same update as one process holding the whole batch. Unscorable samples (the
+grader failed on them) are masked out of the update and counted; above `ppo.unscorable_threshold` the run
+saves a checkpoint and stops with GraderUnavailable.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from distributed_ft.engine.checkpoint import CheckpointManager, resolve_resume
+from distributed_ft.engine.distributed import uses_deepspeed
+from distributed_ft.engine.logging import logger
+from distributed_ft.engine.signals import StopRequest
+from distributed_ft.rl import math as M
+from distributed_ft.rl.prompts import PromptStream
+from distributed_ft.rl.rollout import Rollout, decode, encode_queries, generate, response_mask, score_tokens
+
+
+@dataclass
+class PPOResult:
+    step: int
+    rows: list[dict] = field(default_factory=list)
+    stopped_by: str | None = None
+    resumed_from: str | None = None
+
+
+class PPOTrainer:
+    def __init__(self, *, config, accelerator, model, optimizer, scheduler, reference, tokenizer, prompts,
+                 grader, run_dir: Path, run_logger, seed: int | None = None):
+        self.config, self.ppo, self.training = config, config.ppo, config.training
+        self.acc, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+        self.reference = reference  # None: the policy with its adapter disabled
+        self.tokenizer, self.prompts, self.grader = tokenizer, prompts, grader
+        self.run_dir, self.log = Path(run_dir), run_logger
+        self.seed = config.training.seed if seed is None else seed
+        self.kl_ctl = M.build_kl_controller(self.ppo.kl)
+        self.stream = PromptStream(len(prompts.train) if prompts else 1, self.seed)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", accelerator, self.training.keep_checkpoints)
+        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    # -- collectives -----------------------------------------------------------------------------------------
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.acc.num_processes == 1:
+            return t
+        return self.acc.reduce(t.to(self.acc.device), reduction="sum").cpu()
+
+    def _max(self, t: torch.Tensor) -> torch.Tensor:
+        if self.acc.num_processes == 1:
+            return t
+        return self.acc.gather(t.reshape(1, -1).to(self.acc.device)).max(0).values.cpu()
+
+    # -- rollout -----------------------------------------------------------------------------------------------
+    def _generate(self, prompts: list[str], *, sample: bool, batch: int | None = None) -> tuple:
+        from trl.models.utils import unwrap_model_for_generation
+
+        query, query_mask = encode_queries(self.tokenizer, prompts) if prompts else (None, None)
+        responses = []
+        self.model.eval()
+        # Under ZeRO-3 the parameters are gathered once for the whole batch (a collective: every rank enters).
+        with unwrap_model_for_generation(self.model, self.acc) as unwrapped:
+            step = batch or max(1, len(prompts))
+            for i in range(0, len(prompts), step):
+                responses.append(generate(
+                    unwrapped.policy, query[i:i + step].to(self.acc.device), query_mask[i:i + step].to(self.acc.device),
+                    max_new_tokens=self.ppo.max_new_tokens, do_sample=sample, temperature=self.ppo.temperature,
+                    top_p=self.ppo.top_p, eos_id=self.eos_id, pad_id=self.pad_id).cpu())
+        if not prompts:
+            return None, None, None
+        return query, query_mask, torch.cat(responses)
+
+    def _score(self, ro: Rollout) -> None:
+        """Old log-probs, values, entropy and reference log-probs of a rollout, in micro-batches."""
+        micro = self.training.micro_batch_size
+        dev = self.acc.device
+        parts = {"lp": [], "v": [], "ent": [], "ref": []}
+        with torch.no_grad():
+            for i in range(0, ro.query.shape[0], micro):
+                args = [t[i:i + micro].to(dev) for t in (ro.query, ro.query_mask, ro.response, ro.mask)]
+                lp, v, ent = score_tokens(self.model, *args, mode="policy_value", temperature=self.ppo.temperature,
+                                          want_entropy=True)
+                parts["lp"].append(lp.cpu()), parts["v"].append(v.cpu()), parts["ent"].append(ent.cpu())
+                parts["ref"].append(self._reference_logprobs(*args).cpu())
+        ro.logprobs, ro.values = torch.cat(parts["lp"]), torch.cat(parts["v"])
+        ro.entropy, ro.ref_logprobs = torch.cat(parts["ent"]), torch.cat(parts["ref"])
+
+    def _reference_logprobs(self, query, query_mask, response, mask) -> torch.Tensor:
+        if self.reference is None:
+            lp, _, _ = score_tokens(self.model, query, query_mask, response, mask, mode="reference",
+                                    temperature=self.ppo.temperature)
+            return lp
+        from distributed_ft.rl.rollout import model_inputs
+
+        inputs = model_inputs(query, query_mask, response, mask)
+        logits = self.reference(**inputs, use_cache=False).logits
+        start = query.shape[1] - 1
+        logits = logits[:, start:start + response.shape[1]].float() / self.ppo.temperature
+        return M.logprobs_from_logits(logits, response)
+
+    def local_prompts(self, indices: list[int]) -> list[dict]:
+        world, rank = self.acc.num_processes, self.acc.process_index
+        share = len(indices) // world
+        mine = indices[rank * share:(rank + 1) * share]
+        return [self.prompts.train[i] for i in mine for _ in range(self.ppo.num_generations)]
+
+    def rollout(self, entries: list[dict], timings: dict) -> Rollout:
+        started = time.perf_counter()
+        prompts = [e["prompt"] for e in entries]
+        query, query_mask, response = self._generate(prompts, sample=True)
+        mask = response_mask(response, self.eos_id)
+        texts = decode(self.tokenizer, response, mask)
+        timings["generation"] = time.perf_counter() - started
+        ro = Rollout(query, query_mask, response, mask, texts, [e["item"] for e in entries], prompts)
+        pending = self.grader.submit(texts, ro.items)  # grading overlaps the forward passes below
+        started = time.perf_counter()
+        self._score(ro)
+        timings["forward"] = time.perf_counter() - started
+        started = time.perf_counter()
+        results, latency = pending.result()
+        timings["grading_wait"] = time.perf_counter() - started
+        timings["grader_latency"] = latency
+        self.apply_grades(ro, results)
+        return ro
+
+    @staticmethod
+    def apply_grades(ro: Rollout, results) -> None:
+        ro.scores = torch.tensor([r.reward if r.reward is not None else 0.0 for r in results], dtype=torch.float32)
+        ro.scorable = torch.tensor([r.reward is not None for r in results], dtype=torch.float32)
+        ro.errors = [r.error for r in results]
+
+    # -- advantages --------------------------------------------------------------------------------------------
+    def advantages(self, ro: Rollout) -> dict:
+        ppo = self.ppo
+        mask = ro.mask * ro.scorable[:, None]
+        scores = ro.scores * ppo.reward.scale
+        if ppo.reward.normalize == "batch":
+            scores = M.whiten(scores[:, None], ro.scorable[:, None], self._sum).squeeze(1)
+        if ppo.reward.clip is not None:
+            scores = scores.clamp(-ppo.reward.clip, ppo.reward.clip)
+        rewards, kl = M.token_rewards(scores, ro.logprobs, ro.ref_logprobs, mask, self.kl_ctl.value)
+        adv, returns = M.gae(rewards, ro.values, mask, ppo.gamma, ppo.lam)
+        if ppo.whiten_advantages:
+            adv = M.whiten(adv, mask, self._sum)
+        return {"mask": mask, "advantages": adv, "returns": returns, "kl": kl, "rewards": rewards}
+
+    # -- update ------------------------------------------------------------------------------------------------
+    def update(self, ro: Rollout, adv: dict, step: int) -> dict:
+        """PPO epochs over minibatches; returns token-weighted loss statistics reduced over ranks."""
+        acc, training, ppo = self.acc, self.training, self.ppo
+        micro, accum, world = training.micro_batch_size, training.gradient_accumulation_steps, acc.num_processes
+        share = micro * accum
+        n = ro.query.shape[0]
+        n_mb = n // share
+        mask = adv["mask"]
+        perms = [torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + step * 101 + e))
+                 for e in range(ppo.ppo_epochs)]
+        local_counts = torch.tensor([[mask[p[m * share:(m + 1) * share]].sum() for m in range(n_mb)] for p in perms],
+                                    dtype=torch.float64)
+        counts = self._sum(local_counts)  # tokens of each global minibatch: the loss is a mean over them
+        names = ("pg_loss", "vf_loss", "entropy", "clipfrac", "vf_clipfrac", "approx_kl", "tokens")
+        stats = torch.zeros(len(names), dtype=torch.float64)
+        dev = acc.device
+        self.model.train()
+        for e, perm in enumerate(perms):
+            for m in range(n_mb):
+                if counts[e, m] == 0:  # every sample of this minibatch unscorable on every rank
+                    continue
+                for a in range(accum):
+                    idx = perm[m * share + a * micro:m * share + (a + 1) * micro]
+                    args = [t[idx].to(dev) for t in (ro.query, ro.query_mask, ro.response, ro.mask)]
+                    mk = mask[idx].to(dev)
+                    with acc.accumulate(self.model):
+                        lp, values, ent = score_tokens(self.model, *args, mode="policy_value",
+                                                       temperature=ppo.temperature, want_entropy=True)
+                        pg, clipped, akl = M.policy_loss(lp, ro.logprobs[idx].to(dev), adv["advantages"][idx].to(dev),
+                                                         ppo.clip_range)
+                        vf, vclipped = M.value_loss(values, ro.values[idx].to(dev), adv["returns"][idx].to(dev),
+                                                    ppo.value_clip_range)
+                        total = (pg * mk).sum() + ppo.critic.vf_coef * (vf * mk).sum() \
+                            - ppo.entropy_coef * (ent * mk).sum()
+                        acc.backward(total / float(counts[e, m]) * world * accum)
+                        if acc.sync_gradients and training.max_grad_norm and not uses_deepspeed(acc):
+                            acc.clip_grad_norm_(self.model.parameters(), training.max_grad_norm)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        stats += torch.stack([(x * mk).sum().double().cpu() for x in
+                                              (pg, vf, ent, clipped, vclipped, akl, mk)])
+        stats = self._sum(stats)
+        tokens = max(float(stats[-1]), 1.0)
+        return {name: float(stats[i] / tokens) for i, name in enumerate(names[:-1])}
+
+    # -- evaluation --------------------------------------------------------------------------------------------
+    def evaluate_reward(self, entries: list[dict], batch_size: int = 64) -> dict:
+        """Greedy responses to held-out prompts (sharded over ranks), graded; mean reward over all ranks."""
+        world, rank = self.acc.num_processes, self.acc.process_index
+        mine = entries[rank::world]
+        _, _, response = self._generate([e["prompt"] for e in mine], sample=False, batch=batch_size)
+        total = torch.zeros(3, dtype=torch.float64)
+        if mine:
+            mask = response_mask(response, self.eos_id)
+            texts = decode(self.tokenizer, response, mask)
+            results, _ = self.grader.submit(texts, [e["item"] for e in mine]).result()
+            rewards = [r.reward for r in results if r.reward is not None]
+            total += torch.tensor([sum(rewards), len(rewards), len(results) - len(rewards)], dtype=torch.float64)
+        total = self._sum(total)
+        scored = int(total[1])
+        return {"mean_reward": float(total[0] / scored) if scored else None, "scored": scored,
+                "unscorable": int(total[2]), "prompts": len(entries)}
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"kl_controller": self.kl_ctl.state_dict(), "prompts": self.stream.state_dict()}
+
+    def save_checkpoint(self, step: int) -> Path:
+        return self.checkpoints.save(step, self.state())
+
+    def train(self) -> PPOResult:
+        from distributed_ft.grader.client import GraderUnavailable
+
+        acc, ppo, training = self.acc, self.ppo, self.training
+        self.checkpoints.clean_incomplete()
+        result = PPOResult(step=0)
+        resume = resolve_resume(training.resume_from, self.checkpoints.root)
+        if resume is not None:
+            state = self.checkpoints.load(resume)
+            self.kl_ctl.load_state_dict(state["kl_controller"])
+            self.stream.load_state_dict(state["prompts"])
+            result.step, result.resumed_from = state["step"], str(resume)
+            logger.info(f"resumed from {resume} at step {result.step}")
+        self.log.rewind(result.step)
+        stop = StopRequest()
+        try:
+            while result.step < training.max_steps:
+                started = time.perf_counter()
+                timings: dict[str, float] = {}
+                entries = self.local_prompts(self.stream.take(ppo.rollout_batch_size))
+                ro = self.rollout(entries, timings)
+                counts = self._sum(torch.tensor([len(entries), float((1 - ro.scorable).sum())], dtype=torch.float64))
+                rate = float(counts[1] / counts[0])
+                if rate > ppo.unscorable_threshold:
+                    folder = self.save_checkpoint(result.step)
+                    errors = sorted({e for e in ro.errors if e})[:1]
+                    raise GraderUnavailable(
+                        f"{int(counts[1])}/{int(counts[0])} samples unscorable at step {result.step + 1} "
+                        f"({rate:.0%} > ppo.unscorable_threshold {ppo.unscorable_threshold:.0%}); checkpoint saved "
+                        f"to {folder}; fix the grader and rerun with training.resume_from=latest"
+                        + (f" (first error: {errors[0]})" if errors else ""))
+                t_adv = time.perf_counter()
+                adv = self.advantages(ro)
+                timings["forward"] += time.perf_counter() - t_adv
+                t_upd = time.perf_counter()
+                losses = self.update(ro, adv, result.step)
+                timings["update"] = time.perf_counter() - t_upd
+                lr = self.scheduler.get_last_lr()[0]
+                self.scheduler.step()
+                result.step += 1
+                row = self._rollout_stats(ro, adv, counts, rate)
+                kl_coef = self.kl_ctl.value
+                self.kl_ctl.update(row["kl"], int(counts[0]))
+                elapsed = time.perf_counter() - started
+                slowest = self._max(torch.tensor([timings[k] for k in ("generation", "forward", "grading_wait",
+                                                                        "update", "grader_latency")] + [elapsed]))
+                row = {"step": result.step, **row, **losses, "kl_coef": kl_coef, "lr": lr,
+                       "time/generation": float(slowest[0]), "time/forward": float(slowest[1]),
+                       "time/grading_wait": float(slowest[2]), "time/update": float(slowest[3]),
+                       "grader_latency_s": float(slowest[4]), "time/step": float(slowest[5]),
+                       "samples_per_s": float(counts[0]) / max(float(slowest[5]), 1e-9)}
+                result.rows.append(row)
+                self._log(row)
+                if result.step % ppo.sample_every == 0 or result.step == 1:
+                    self._log_samples(result.step, ro)
+                flag = self._sum(torch.tensor([1.0 if stop.requested else 0.0]))
+                if flag[0] > 0:
+                    result.stopped_by = stop.signal_name or "signal on another rank"
+                    self.save_checkpoint(result.step)
+                    logger.info(f"stopping at step {result.step} ({result.stopped_by}); checkpoint saved")
+                    break
+                every = training.checkpoint_every
+                if every and result.step % every == 0 and result.step < training.max_steps:
+                    self.save_checkpoint(result.step)
+        finally:
+            stop.restore()
+        return result
+
+    def _rollout_stats(self, ro: Rollout, adv: dict, counts, rate: float) -> dict:
+        ok = ro.scorable
+        seq_kl = adv["kl"].sum(1)
+        lengths = ro.mask.sum(1)
+        ent = (ro.entropy * ro.mask).sum()
+        s = self._sum(torch.stack([
+            (ro.scores * ok).sum(), (ro.scores ** 2 * ok).sum(), ok.sum(), seq_kl.sum(), lengths.sum(),
+            ent, ro.mask.sum()]).double())
+        n_ok, n = max(float(s[2]), 1.0), float(counts[0])
+        mean = float(s[0]) / n_ok
+        var = max(float(s[1]) / n_ok - mean * mean, 0.0)
+        return {"reward_mean": mean, "reward_std": var ** 0.5, "kl": float(s[3]) / n,
+                "rollout_entropy": float(s[5]) / max(float(s[6]), 1.0), "response_length": float(s[4]) / n,
+                "unscorable_rate": rate, "unscorable": int(counts[1]), "samples": int(n)}
+
+    def _log(self, row: dict) -> None:
+        step = row["step"]
+        if step % self.config.logging.log_every == 0 or step == 1 or step == self.training.max_steps:
+            self.log.log(row)
+        bar = getattr(self.log, "bar", None)
+        if bar is not None:
+            bar.update(step - bar.n)
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.3f}", refresh=False)
+
+    def _log_samples(self, step: int, ro: Rollout) -> None:
+        if not self.acc.is_main_process or not self.ppo.num_logged_samples:
+            return
+        rows = []
+        for i in range(min(self.ppo.num_logged_samples, len(ro.texts))):
+            reward = float(ro.scores[i]) if ro.scorable[i] > 0 else None
+            rows.append({"step": step, "prompt": ro.prompts[i], "completion": ro.texts[i], "reward": reward})
+            logger.info(f"sample step {step}: {ro.prompts[i]!r} -> {ro.texts[i]!r} reward {reward}")
+        with open(self.run_dir / "samples.jsonl", "a") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in rows)
