@@ -12,7 +12,8 @@ Each variant runs in its own fresh process, one after the other, `--rounds` time
 throughput is 4096 tokens over its median step time after `--warmup` steps (start-up, model loading and
 data preparation excluded), and the reported figure is the median over rounds. Prints tokens/s, the ratios
 engine/trl and engine/plain and the machine load; writes bench/results/sft_throughput-*.json.
-Exits 1 when engine < 1.5x trl or engine < 0.8x plain.
+With --trl-defaults, TRL is also timed once with its own defaults (bf16 autocast, activation checkpointing),
+reported separately. Exits 1 when engine < 1.5x trl or engine < 0.8x plain.
 """
 from __future__ import annotations
 
@@ -47,20 +48,10 @@ def _set_threads(threads: int) -> None:
 def run_engine(work: Path, steps: int, threads: int) -> dict:
     import yaml
 
-    import distributed_ft.engine.trainer as trainer_module
     from distributed_ft.train import TrainingRun
 
     _set_threads(threads)
     stamps: list[float] = []
-
-    class TimedTrainer(trainer_module.Trainer):
-        """The engine's Trainer with its per-step hook recording the time each optimizer step ended."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.on_step = lambda step, model: stamps.append(time.perf_counter())
-
-    trainer_module.Trainer = TimedTrainer  # TrainingRun.train imports it at call time
     config = {
         "model": {"name_or_path": str(work / "model")},
         "data": {"train": [{"path": str(work / "train.jsonl"), "format": "text"}], "max_length": SEQ_LEN,
@@ -69,6 +60,7 @@ def run_engine(work: Path, steps: int, threads: int) -> dict:
         "training": {"max_steps": steps, "micro_batch_size": BATCH, "learning_rate": LR, "optimizer": "adamw",
                      "lr_scheduler": "constant", "warmup_steps": 0},
         "logging": {"log_every": 10 ** 6, "progress_bar": False},
+        "eval": {"enabled": False},
         "output": {"dir": str(work / "engine-run"), "overwrite": True},
     }
     (work / "engine.yaml").write_text(yaml.safe_dump(config))
@@ -76,6 +68,15 @@ def run_engine(work: Path, steps: int, threads: int) -> dict:
     lengths = {len(ex["input_ids"]) for ex in run.data.train}
     if lengths != {SEQ_LEN}:
         raise SystemExit(f"engine rows are not all {SEQ_LEN} tokens: lengths {sorted(lengths)[:5]}")
+    run.prepare()
+    engine_on_step = run.trainer.on_step
+
+    def on_step(step, model):  # the time each step ended, after everything the engine does per step
+        if engine_on_step is not None:
+            engine_on_step(step, model)
+        stamps.append(time.perf_counter())
+
+    run.trainer.on_step = on_step
     start = time.perf_counter()
     try:
         result = run.train()
@@ -85,7 +86,7 @@ def run_engine(work: Path, steps: int, threads: int) -> dict:
             "first_loss": result.losses[0], "last_loss": result.losses[-1]}
 
 
-def run_trl(work: Path, steps: int, threads: int) -> dict:
+def run_trl(work: Path, steps: int, threads: int, trl_defaults: bool = False) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -103,9 +104,9 @@ def run_trl(work: Path, steps: int, threads: int) -> dict:
     args = SFTConfig(output_dir=str(work / "trl-run"), per_device_train_batch_size=BATCH, max_steps=steps,
                      learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
                      weight_decay=0.0, max_grad_norm=1.0, max_length=SEQ_LEN, packing=False, use_cpu=True,
-                     # TRL's defaults are bf16 autocast and activation checkpointing; the comparison is fp32
-                     # without recomputation, as the engine and the plain loop run.
-                     bf16=False, fp16=False, activation_checkpointing=False,
+                     # TRL's defaults are bf16 autocast and activation checkpointing; the main comparison
+                     # is fp32 without recomputation, as the engine and the plain loop run.
+                     **({} if trl_defaults else {"bf16": False, "fp16": False, "activation_checkpointing": False}),
                      logging_steps=10 ** 6, save_strategy="no", eval_strategy="no", report_to=[],
                      disable_tqdm=True, dataloader_num_workers=0, seed=42)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": rows}),
@@ -146,7 +147,11 @@ def run_plain(work: Path, steps: int, threads: int) -> dict:
             "first_loss": losses[0], "last_loss": losses[-1]}
 
 
-WORKERS = {"engine": run_engine, "trl": run_trl, "plain": run_plain}
+def run_trl_defaults(work: Path, steps: int, threads: int) -> dict:
+    return run_trl(work, steps, threads, trl_defaults=True)
+
+
+WORKERS = {"engine": run_engine, "trl": run_trl, "plain": run_plain, "trl_defaults": run_trl_defaults}
 
 
 # ---- orchestration ------------------------------------------------------------------------------------------
@@ -185,7 +190,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads per run")
     parser.add_argument("--rows", type=int, default=256, help="distinct training rows")
     parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per run")
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--trl-defaults", action="store_true",
+                        help="also time TRL with its own precision/checkpointing defaults (bf16 autocast, "
+                             "activation checkpointing), once; slow on CPUs without native bf16")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -209,19 +217,25 @@ def main() -> int:
                 runs[variant].append(measured)
                 print(f"round {r + 1} {variant:>6}: {measured['tokens_per_s']:9.0f} tokens/s "
                       f"(median step {measured['median_step_s'] * 1000:.0f} ms)", flush=True)
+        if args.trl_defaults:
+            runs["trl_defaults"] = [steady_state(launch_worker("trl_defaults", work, args), args.warmup)]
+            print(f"trl_defaults: {runs['trl_defaults'][0]['tokens_per_s']:9.0f} tokens/s", flush=True)
     load_after = machine_load()
 
-    tps = {v: median([m["tokens_per_s"] for m in runs[v]]) for v in VARIANTS}
-    ratios = {f"engine/{v}": tps["engine"] / tps[v] for v in ("trl", "plain")}
+    tps = {v: median([m["tokens_per_s"] for m in measured]) for v, measured in runs.items()}
+    ratios = {f"engine/{v}": tps["engine"] / tps[v] for v in tps if v != "engine"}
     ok = {f"engine/{v}": ratios[f"engine/{v}"] >= target for v, target in TARGETS.items()}
     params = count_llama_parameters(**SMALL_LLAMA)
     print(f"\nmodel {params / 1e6:.2f}M parameters fp32, batch {BATCH} x {SEQ_LEN} tokens, AdamW, "
           f"{args.threads} threads, {args.steps} timed steps after {args.warmup} warm-up, median of {args.rounds}")
-    for v in VARIANTS:
+    for v in tps:
         print(f"  {v:>6}: {tps[v]:9.0f} tokens/s")
     for v, target in TARGETS.items():
         name = f"engine/{v}"
         print(f"  {name:>12}: {ratios[name]:.2f}x  (target >= {target}x: {'ok' if ok[name] else 'MISSED'})")
+    if "trl_defaults" in tps:
+        print(f"  engine/trl_defaults: {ratios['engine/trl_defaults']:.2f}x  (TRL with bf16 autocast and "
+              f"activation checkpointing, its defaults; not a like-for-like comparison)")
     print(f"  load average (1m) {load_before['loadavg_1m']} before, {load_after['loadavg_1m']} after, "
           f"{load_after['cpus']} cpus")
     path = write_results("sft_throughput", {

@@ -6,7 +6,8 @@ Builds a randomly initialised fp32 Llama (hidden 768, 12 layers, vocab 8000: 97M
 each mode runs a few full fine-tuning steps through TrainingRun under
 `accelerate launch --config_file launch/{ddp,zero2,zero3}_cpu.yaml` (gloo; DS_ACCELERATOR=cpu; one
 OpenMP thread per rank). Every rank writes:
-  peak RSS (ru_maxrss) after imports, after build() and after train();
+  peak RSS (ru_maxrss) after imports, after build(), after prepare() and after train(), and the
+  current RSS right after the last optimizer update;
   the model-state bytes it holds, read at the end of the last optimizer step (a post-step hook on the
   innermost torch optimizer): model parameters (under ZeRO-3 the local shards p.ds_tensor), the
   optimizer's own fp32 copies where they are separate tensors (DeepSpeed's master partitions), gradients
@@ -14,6 +15,8 @@ OpenMP thread per rank). Every rank writes:
 Prints these next to the theoretical model states per rank, with 16 bytes per fp32 Adam parameter
 (4 param + 4 grad + 8 Adam): DDP 16P, ZeRO-2 4P + 12P/N, ZeRO-3 16P/N. Writes
 bench/results/zero_memory-*.json. Exits 1 unless ZeRO-3 holds at most 0.7x DDP's model states per rank.
+Optional: mode zero3_release (ZeRO-3 releasing gathered parameters right after use) and
+--malloc-mmap-threshold (a fixed glibc mmap threshold in the ranks); see bench/README.md.
 """
 from __future__ import annotations
 
@@ -28,127 +31,146 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (REPO, build_llama, count_llama_parameters, machine_load, peak_rss_bytes,  # noqa: E402
-                          synthetic_rows, versions, write_results, write_text_jsonl)
+from bench.common import (REPO, build_llama, count_llama_parameters, current_rss_bytes, machine_load,  # noqa: E402
+                          peak_rss_bytes, synthetic_rows, versions, write_results, write_text_jsonl)
 
 # ~100M parameters: 12 x 7.08M in the blocks + 2 x 6.1M untied embeddings.
 MEDIUM_LLAMA = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                     num_key_value_heads=12, vocab_size=8000)
 LAUNCH = {"ddp": "launch/ddp_cpu.yaml", "zero2": "launch/zero2_cpu.yaml", "zero3": "launch/zero3_cpu.yaml"}
+# Optional mode: launch/zero3_cpu.yaml with gathered parameters released right after use. DeepSpeed's defaults
+# (1e9 live parameters, reuse distance 1e9) let a model under 1e9 parameters stay gathered through the step.
+ZERO3_RELEASE = {"stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0}
+MODES = (*LAUNCH, "zero3_release")
 ZERO3_LIMIT = 0.7  # ZeRO-3 model states per rank must be at most this fraction of DDP's
 GiB = 1024 ** 3
 
 
 def theoretical_bytes(mode: str, params: int, world: int) -> dict:
     """Model-state bytes per rank for fp32 AdamW: 4 param + 4 grad + 8 Adam per parameter."""
-    shard = {"ddp": (1, 1, 1), "zero2": (1, world, world), "zero3": (world, world, world)}[mode]
+    shard = {"ddp": (1, 1, 1), "zero2": (1, world, world), "zero3": (world, world, world),
+             "zero3_release": (world, world, world)}[mode]
     p, g, o = (params * size // n for size, n in zip((4, 4, 8), shard))
-    return {"parameters": p, "gradients": g, "optimizer": o, "total": p + g + o}
+    # DeepSpeed also keeps an fp32 master copy of this rank's partition apart from the model's parameters.
+    master = 0 if mode == "ddp" else 4 * params // world
+    return {"parameters": p, "gradients": g, "optimizer": o, "total": p + g + o,
+            "total_with_master_copy": p + g + o + master}
 
 
 # ---- the rank worker, run under accelerate launch ------------------------------------------------------------
 
 class StateMeter:
-    """Counts the model-state bytes a rank holds, each tensor storage once, by category."""
+    """Counts the model-state bytes a rank holds, each tensor storage once, by category.
+
+    Called after every update of the innermost optimizer: DeepSpeed ZeRO-2 updates one parameter group
+    at a time (only that group is in `param_groups` during its update), so the tensors seen are
+    collected over the calls of one training step and summed when the step ends (`step_done`).
+    Only sizes are kept, never the tensors, so measuring does not extend any tensor's life.
+    """
+
+    KINDS = ("parameters", "master_parameters", "gradients", "optimizer")
 
     def __init__(self, model_ref):
         self.model_ref = model_ref
+        self.storages: dict[int, tuple[str, int]] = {}  # storage address -> (kind, bytes)
+        self.rss = 0
         self.last: dict | None = None
 
+    def _add(self, kind: str, tensor) -> None:
+        if tensor is None or tensor.numel() == 0:
+            return
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.storages:
+            self.storages[storage.data_ptr()] = (kind, storage.nbytes())
+
     def __call__(self, optimizer, args, kwargs) -> None:
-        seen: set[int] = set()
-        sizes = {"parameters": 0, "master_parameters": 0, "gradients": 0, "optimizer": 0}
-
-        def add(kind, tensor):
-            if tensor is None or tensor.numel() == 0:
-                return
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() in seen:
-                return
-            seen.add(storage.data_ptr())
-            sizes[kind] += storage.nbytes()
-
         model_params = list(self.model_ref().parameters())
         for p in model_params:
-            add("parameters", getattr(p, "ds_tensor", None))  # ZeRO-3: this rank's shard
-            add("parameters", p.data)  # the full tensor where it is resident (always, except ZeRO-3)
+            self._add("parameters", getattr(p, "ds_tensor", None))  # ZeRO-3: this rank's shard
+            self._add("parameters", p.data)  # the full tensor where it is resident (always, except ZeRO-3)
         opt_params = [p for group in optimizer.param_groups for p in group["params"]]
         for p in opt_params:
-            add("master_parameters", p)
+            self._add("master_parameters", p)
         for p in opt_params + model_params:
-            add("gradients", p.grad)
+            self._add("gradients", p.grad)
         for state in optimizer.state.values():
             for value in state.values():
                 if hasattr(value, "untyped_storage"):
-                    add("optimizer", value)
-        sizes["total"] = sum(sizes.values())
-        sizes["optimizer_numel"] = sum(p.numel() for p in opt_params)
-        self.last = sizes
+                    self._add("optimizer", value)
+        self.rss = current_rss_bytes()
 
-
-def innermost_optimizer(optimizer):
-    """The torch optimizer that does the update: accelerate and DeepSpeed wrap it under `.optimizer`."""
-    import torch
-
-    seen = set()
-    while hasattr(optimizer, "optimizer") and id(optimizer) not in seen:
-        seen.add(id(optimizer))
-        optimizer = optimizer.optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise SystemExit(f"expected a torch optimizer inside the wrappers, found {type(optimizer).__name__}")
-    return optimizer
+    def step_done(self, step, model) -> None:
+        sizes = dict.fromkeys(self.KINDS, 0)
+        for kind, nbytes in self.storages.values():
+            sizes[kind] += nbytes
+        self.last = {**sizes, "total": sum(sizes.values()), "rss_at_update": self.rss}
+        self.storages = {}
 
 
 def rank_worker(config: str, out_dir: Path) -> None:
     import weakref
 
-    import torch  # noqa: F401  (imported before the baseline reading, like the engine will)
+    import torch
 
-    import distributed_ft.engine.trainer as trainer_module
     from distributed_ft.train import TrainingRun
 
     rss_imports = peak_rss_bytes()
-    meters: list[StateMeter] = []
-
-    class MeteredTrainer(trainer_module.Trainer):
-        """The engine's Trainer, with a post-step hook on the optimizer that does the update."""
-
-        def _prepare(self):
-            super()._prepare()
-            meter = StateMeter(weakref.ref(self.model))
-            inner = innermost_optimizer(self.optimizer)
-            inner.register_step_post_hook(meter)
-            meter.optimizer_type = f"{type(inner).__module__}.{type(inner).__name__}"
-            meter.wrapper_types = []
-            obj = self.optimizer
-            while hasattr(obj, "optimizer") and obj is not inner:
-                meter.wrapper_types.append(type(obj).__name__)
-                obj = obj.optimizer
-            meters.append(meter)
-
-    trainer_module.Trainer = MeteredTrainer  # TrainingRun.train imports it at call time
     run = TrainingRun(config).build()
     rss_build = peak_rss_bytes()
+    run.prepare()
+    rss_prepare = peak_rss_bytes()
+    wrappers, inner = [], run.trainer.optimizer
+    while hasattr(inner, "optimizer") and inner.optimizer is not inner:
+        wrappers.append(type(inner).__name__)
+        inner = inner.optimizer
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise SystemExit(f"expected a torch optimizer inside the wrappers, found {type(inner).__name__}")
+    meter = StateMeter(weakref.ref(run.trainer.model))
+    inner.register_step_post_hook(meter)
+    engine_on_step = run.trainer.on_step
+
+    def on_step(step, model):
+        meter.step_done(step, model)
+        if engine_on_step is not None:
+            engine_on_step(step, model)
+
+    run.trainer.on_step = on_step
     started = time.perf_counter()
     result = run.train()
     train_s = time.perf_counter() - started
     rss_train = peak_rss_bytes()
     acc = run.accelerator
     params = list(run.model.parameters())
-    meter = meters[0]
     info = {"rank": acc.process_index, "world_size": acc.num_processes,
             "distributed_type": str(acc.distributed_type),
             "zero_stage": acc.state.deepspeed_plugin.zero_stage if acc.state.deepspeed_plugin else None,
             "total_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in params),
             "local_parameters": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params),
-            "model_states": meter.last, "optimizer": meter.optimizer_type, "optimizer_wrappers": meter.wrapper_types,
-            "peak_rss_imports": rss_imports, "peak_rss_build": rss_build, "peak_rss_train": rss_train,
+            "model_states": meter.last, "optimizer": f"{type(inner).__module__}.{type(inner).__name__}",
+            "optimizer_wrappers": wrappers,
+            "peak_rss_imports": rss_imports, "peak_rss_build": rss_build,
+            "peak_rss_prepare": rss_prepare, "peak_rss_train": rss_train,
             "train_s": train_s, "losses": result.losses}
     (out_dir / f"rank-{acc.process_index}.json").write_text(json.dumps(info))
     run.close()
 
 
 # ---- orchestration ------------------------------------------------------------------------------------------
+
+def launch_config(mode: str, work: Path) -> str:
+    """The accelerate config file of a mode; zero3_release is written from the zero3 files into `work`."""
+    if mode in LAUNCH:
+        return LAUNCH[mode]
+    import yaml
+
+    accelerate_cfg = yaml.safe_load((REPO / LAUNCH["zero3"]).read_text())
+    ds_cfg = json.loads((REPO / accelerate_cfg["deepspeed_config"]["deepspeed_config_file"]).read_text())
+    ds_cfg["zero_optimization"].update(ZERO3_RELEASE)
+    (work / "ds_zero3_release.json").write_text(json.dumps(ds_cfg, indent=2))
+    accelerate_cfg["deepspeed_config"]["deepspeed_config_file"] = str(work / "ds_zero3_release.json")
+    (work / "accelerate_zero3_release.yaml").write_text(yaml.safe_dump(accelerate_cfg))
+    return str(work / "accelerate_zero3_release.yaml")
+
 
 def run_mode(mode: str, work: Path, args) -> list[dict]:
     out = work / f"out-{mode}"
@@ -157,6 +179,10 @@ def run_mode(mode: str, work: Path, args) -> list[dict]:
            "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
     if mode != "ddp":
         env["DS_ACCELERATOR"] = "cpu"
+    if args.malloc_mmap_threshold:
+        # A fixed glibc mmap threshold returns freed large blocks to the system at once; by default the
+        # threshold grows with the blocks freed and the heap keeps them, which peak RSS then counts.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     config = {
         "model": {"name_or_path": str(work / "model")},
         "data": {"train": [{"path": str(work / "train.jsonl"), "format": "text"}], "max_length": args.seq_len,
@@ -165,13 +191,14 @@ def run_mode(mode: str, work: Path, args) -> list[dict]:
         "training": {"max_steps": args.steps, "micro_batch_size": args.micro_batch, "learning_rate": 1e-4,
                      "optimizer": "adamw", "lr_scheduler": "constant", "warmup_steps": 0},
         "logging": {"log_every": 10 ** 6, "progress_bar": False},
+        "eval": {"enabled": False},
         "output": {"dir": str(work / f"run-{mode}"), "overwrite": True},
     }
     import yaml
 
-    (work / f"{mode}.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", LAUNCH[mode],
-           "--main_process_port", str(args.port), __file__, "--rank-worker", str(work / f"{mode}.yaml"),
+    (work / f"run-{mode}.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch_config(mode, work),
+           "--main_process_port", str(args.port), __file__, "--rank-worker", str(work / f"run-{mode}.yaml"),
            "--out", str(out)]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -191,7 +218,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per mode")
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=32)
-    parser.add_argument("--modes", default="ddp,zero2,zero3", help="comma-separated subset of ddp,zero2,zero3")
+    parser.add_argument("--modes", default="ddp,zero2,zero3",
+                        help=f"comma-separated subset of {','.join(MODES)} (zero3_release: ZeRO-3 with "
+                             f"{ZERO3_RELEASE})")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="set MALLOC_MMAP_THRESHOLD_ in the ranks (e.g. 131072), so peak RSS counts live "
+                             "memory rather than freed blocks glibc keeps")
     parser.add_argument("--port", type=int, default=29617, help="rendezvous port of the launches")
     parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per launch")
     parser.add_argument("--rank-worker", help=argparse.SUPPRESS)
@@ -203,9 +235,9 @@ def main() -> int:
         return 0
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = sorted(set(modes) - set(LAUNCH))
+    unknown = sorted(set(modes) - set(MODES))
     if unknown:
-        parser.error(f"unknown mode {unknown[0]} (valid: {', '.join(LAUNCH)})")
+        parser.error(f"unknown mode {unknown[0]} (valid: {', '.join(MODES)})")
     n_params = count_llama_parameters(**MEDIUM_LLAMA)
     load_before = machine_load()
     results: dict[str, list[dict]] = {}
@@ -221,18 +253,20 @@ def main() -> int:
 
     world = 2
     print(f"\nLlama {n_params / 1e6:.1f}M parameters fp32, AdamW, {world} CPU ranks, micro batch "
-          f"{args.micro_batch} x {args.seq_len} tokens, {args.steps} steps, 1 thread per rank")
-    print(f"{'mode':>6} {'rank':>4} {'peak RSS':>9} {'RSS-imports':>11} {'states held':>11} "
-          f"{'(param/master/grad/optim)':>26} {'theory':>7} {'local params':>12}")
+          f"{args.micro_batch} x {args.seq_len} tokens, {args.steps} steps, 1 thread per rank, "
+          f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'unset'}")
+    print(f"{'mode':>13} {'rank':>4} {'peak RSS':>9} {'RSS-imports':>11} {'states held':>11} "
+          f"{'(param/master/grad/optim)':>26} {'theory':>7} {'local params':>12} {'RSS@update':>10}")
     summary = {}
     for mode, rows in results.items():
         theory = theoretical_bytes(mode, n_params, world)
         for row in rows:
             s = row["model_states"]
             parts = "/".join(f"{s[k] / GiB:.2f}" for k in ("parameters", "master_parameters", "gradients", "optimizer"))
-            print(f"{mode:>6} {row['rank']:>4} {row['peak_rss_train'] / GiB:8.2f}G "
+            print(f"{mode:>13} {row['rank']:>4} {row['peak_rss_train'] / GiB:8.2f}G "
                   f"{(row['peak_rss_train'] - row['peak_rss_imports']) / GiB:10.2f}G {s['total'] / GiB:10.2f}G "
-                  f"{parts:>26} {theory['total'] / GiB:6.2f}G {row['local_parameters'] / 1e6:11.1f}M")
+                  f"{parts:>26} {theory['total'] / GiB:6.2f}G {row['local_parameters'] / 1e6:11.1f}M "
+                  f"{s['rss_at_update'] / GiB:9.2f}G")
         summary[mode] = {"peak_rss_max": max(r["peak_rss_train"] for r in rows),
                          "peak_rss_above_imports_max": max(r["peak_rss_train"] - r["peak_rss_imports"] for r in rows),
                          "model_states_max": max(r["model_states"]["total"] for r in rows),
@@ -246,18 +280,21 @@ def main() -> int:
             rss = s["peak_rss_max"] / base["peak_rss_max"]
             above = s["peak_rss_above_imports_max"] / base["peak_rss_above_imports_max"]
             theory = s["theoretical"]["total"] / base["theoretical"]["total"]
+            master = s["theoretical"]["total_with_master_copy"] / base["theoretical"]["total"]
             s["vs_ddp"] = {"model_states": states, "peak_rss": rss, "peak_rss_above_imports": above,
-                           "theoretical": theory}
-            print(f"{mode}/ddp per rank: model states {states:.2f}x (theory {theory:.2f}x), "
+                           "theoretical": theory, "theoretical_with_master_copy": master}
+            print(f"{mode}/ddp per rank: model states {states:.2f}x (theory {theory:.2f}x, "
+                  f"{master:.2f}x with DeepSpeed's fp32 master copy), "
                   f"peak RSS {rss:.2f}x, peak RSS above imports {above:.2f}x")
-        if "zero3" in summary:
+        if "zero3" in summary:  # the pass condition is on the shipped configuration
             ok = summary["zero3"]["vs_ddp"]["model_states"] <= ZERO3_LIMIT
             print(f"ZeRO-3 model states <= {ZERO3_LIMIT}x DDP: {'ok' if ok else 'MISSED'}")
     print(f"load average (1m) {load_before['loadavg_1m']} before, {load_after['loadavg_1m']} after, "
           f"{load_after['cpus']} cpus")
     path = write_results("zero_memory", {
         "model": {**MEDIUM_LLAMA, "parameters": n_params, "dtype": "fp32"}, "world_size": world,
-        "micro_batch": args.micro_batch, "seq_len": args.seq_len, "steps": args.steps, "ranks": results,
+        "micro_batch": args.micro_batch, "seq_len": args.seq_len, "steps": args.steps,
+        "malloc_mmap_threshold": args.malloc_mmap_threshold, "ranks": results,
         "summary": summary, "load_before": load_before, "load_after": load_after, "versions": versions()})
     print(f"results: {path.relative_to(REPO)}")
     return 0 if ok else 1

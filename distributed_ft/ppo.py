@@ -95,13 +95,18 @@ class PPORun:
         acc.wait_for_everyone()
 
     def prepare(self) -> "PPORun":
-        """One engine (policy + value head) with one optimizer; the frozen reference wrapped for inference."""
-        from distributed_ft.config import config_to_dict
-        from distributed_ft.engine.distributed import uses_deepspeed
-        from distributed_ft.engine.logging import RunLogger
-        from distributed_ft.engine.optim import build_optimizer, build_scheduler
+        """Wrap the model, start (or reach) the grader and build the PPO trainer."""
         from distributed_ft.rl.grading import AsyncGrader, start_grader
-        from distributed_ft.rl.trainer import PPOTrainer
+
+        self.prepare_model()
+        self.client, self.grader_process = start_grader(self.config.grader, self.accelerator, self.run_dir)
+        self.make_trainer(AsyncGrader(self.client))
+        return self
+
+    def prepare_model(self) -> "PPORun":
+        """One engine (policy + value head) with one optimizer; the frozen reference wrapped for inference."""
+        from distributed_ft.engine.distributed import uses_deepspeed
+        from distributed_ft.engine.optim import build_optimizer, build_scheduler
 
         acc, config = self.accelerator, self.config
         optimizer = build_optimizer(self.model, config.training)
@@ -116,14 +121,21 @@ class PPORun:
             else:
                 self.reference = self.reference.to(acc.device)
         self._record_rank()
-        self.client, self.grader_process = start_grader(config.grader, acc, self.run_dir)
+        return self
+
+    def make_trainer(self, grader):
+        from distributed_ft.config import config_to_dict
+        from distributed_ft.engine.logging import RunLogger
+        from distributed_ft.rl.trainer import PPOTrainer
+
+        acc, config = self.accelerator, self.config
         self.run_logger = RunLogger(self.run_dir, config.logging, config_to_dict(config), acc.is_main_process,
                                     config.training.max_steps)
         self.trainer = PPOTrainer(config=config, accelerator=acc, model=self.model, optimizer=self.optimizer,
                                   scheduler=self.scheduler, reference=self.reference, tokenizer=self.tokenizer,
-                                  prompts=self.prompts, grader=AsyncGrader(self.client), run_dir=self.run_dir,
+                                  prompts=self.prompts, grader=grader, run_dir=self.run_dir,
                                   run_logger=self.run_logger)
-        return self
+        return self.trainer
 
     def _record_rank(self) -> None:
         acc = self.accelerator
@@ -191,7 +203,7 @@ class PPORun:
         return final
 
     def close(self) -> None:
-        if self.trainer is not None:
+        if self.trainer is not None and self.trainer.grader is not None:
             self.trainer.grader.close()
         if self.grader_process is not None:
             self.grader_process.stop()

@@ -24,6 +24,7 @@ def add_subparser(subparsers) -> None:
         p.add_argument("--nodes", type=int, default=1)
         p.add_argument("--gpus-per-node", type=int, default=0, help="0 for CPU nodes (gloo)")
         p.add_argument("--processes-per-node", type=int, help="default: one per GPU, 1 on CPU nodes")
+        p.add_argument("--cpus-per-node", type=int, help="CPUs for each node's ranks (sbatch --cpus-per-task)")
         p.add_argument("--launch", help="accelerate launch config (default launch/zero3.yaml, "
                                         "launch/zero2_cpu.yaml without GPUs)")
         p.add_argument("--kind", choices=("train", "eval"), default="train")
@@ -65,6 +66,7 @@ def _spec(args):
 
     return JobSpec(config=args.config, overrides=list(args.overrides), nodes=args.nodes,
                    gpus_per_node=args.gpus_per_node, processes_per_node=args.processes_per_node,
+                   cpus_per_node=args.cpus_per_node,
                    launch=args.launch, kind=args.kind, partition=args.partition, time=args.time,
                    account=args.account, signal_lead=args.signal_lead, requeue=args.requeue,
                    job_name=args.job_name, log_dir=args.log_dir, template=args.template)

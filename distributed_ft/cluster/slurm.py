@@ -31,6 +31,7 @@ class JobSpec:
     gpus_per_node: int = 0
     launch: str | None = None  # default: launch/zero3.yaml with GPUs, launch/zero2_cpu.yaml without
     processes_per_node: int | None = None  # default: one per GPU, 1 on CPU nodes
+    cpus_per_node: int | None = None  # CPUs for the node's task (all its ranks and data loading)
     partition: str | None = None
     time: str | None = None
     account: str | None = None
@@ -83,6 +84,8 @@ def validate(spec: JobSpec) -> str:
         raise ConfigError(f"--gpus-per-node must be 0 or more, got {spec.gpus_per_node}")
     if spec.processes_per_node is not None and spec.processes_per_node < 1:
         raise ConfigError(f"--processes-per-node must be at least 1, got {spec.processes_per_node}")
+    if spec.cpus_per_node is not None and spec.cpus_per_node < 1:
+        raise ConfigError(f"--cpus-per-node must be at least 1, got {spec.cpus_per_node}")
     if spec.signal_lead < 0:
         raise ConfigError(f"--signal-lead must be 0 or more seconds, got {spec.signal_lead}")
     if spec.time is not None and not re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", spec.time):
@@ -102,6 +105,8 @@ def _options_block(spec: JobSpec) -> str:
     lines = [f"--job-name={name}", f"--nodes={spec.nodes}", "--ntasks-per-node=1"]
     if spec.gpus_per_node:
         lines.append(f"--gpus-per-node={spec.gpus_per_node}")
+    if spec.cpus_per_node:
+        lines.append(f"--cpus-per-task={spec.cpus_per_node}")
     for flag, value in (("partition", spec.partition), ("time", spec.time), ("account", spec.account)):
         if value:
             lines.append(f"--{flag}={value}")
@@ -145,8 +150,11 @@ def render(spec: JobSpec) -> str:
 
 def write(spec: JobSpec, out: str | None = None) -> Path:
     path = Path(out) if out else Path(spec.log_dir) / f"{spec.job_name or 'dft-' + spec.kind + '-' + Path(spec.config).stem}.sbatch"
+    text = render(spec)
+    # sbatch does not create the folder of --output: without it the job fails before it starts.
+    (Path(spec.workdir or Path.cwd()) / spec.log_dir).mkdir(parents=True, exist_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(spec))
+    path.write_text(text)
     path.chmod(0o755)
     return path
 

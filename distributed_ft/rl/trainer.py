@@ -292,7 +292,7 @@ class PPOTrainer:
 
     def _rollout_stats(self, ro: Rollout, adv: dict, counts, rate: float) -> dict:
         ok = ro.scorable
-        seq_kl = adv["kl"].sum(1)
+        seq_kl = ((ro.logprobs - ro.ref_logprobs) * ro.mask).sum(1)  # every sample, scorable or not
         lengths = ro.mask.sum(1)
         ent = (ro.entropy * ro.mask).sum()
         s = self._sum(torch.stack([

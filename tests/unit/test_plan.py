@@ -80,7 +80,8 @@ def _run_config(tmp_path, strategy: str, model_dir):
 
 
 @pytest.mark.parametrize("strategy", ["{name: full}", "{name: lora, r: 4}",
-                                      "{name: selective, top_k: 1}", "{name: prefix_tuning}"])
+                                      "{name: selective, top_k: 1}",
+                                      "{name: additive, method: prefix_tuning, num_virtual_tokens: 8}"])
 def test_trainable_counts_on_meta_device_equal_the_real_model(tmp_path, strategy):
     from transformers import AutoConfig, AutoModelForCausalLM
 

