@@ -145,11 +145,12 @@ def evaluate_config(config_path: str, overrides: list[str]) -> int:
 
     from distributed_ft.config import load_config
     from distributed_ft.data import build_data
-    from distributed_ft.engine.distributed import build_accelerator
+    from distributed_ft.engine.distributed import build_accelerator, configure_device_env
     from distributed_ft.engine.logging import setup_console_logging
     from distributed_ft.models import ensure_pad_token, load_model_and_tokenizer, load_tokenizer
     from distributed_ft.strategies import get_strategy, load_trained
 
+    configure_device_env()
     config = load_config(config_path, overrides)
     accelerator = build_accelerator(config.training)
     setup_console_logging(accelerator.is_main_process)

@@ -21,10 +21,11 @@ class TrainingRun:
         from accelerate.utils import set_seed
 
         from distributed_ft.config import load_config
-        from distributed_ft.engine.distributed import build_accelerator
+        from distributed_ft.engine.distributed import build_accelerator, configure_device_env
         from distributed_ft.engine.logging import setup_console_logging
         from distributed_ft.strategies import get_strategy
 
+        configure_device_env()
         self.config_path = str(config_path)
         self.config = load_config(config_path, overrides)
         self.accelerator = build_accelerator(self.config.training)

@@ -11,6 +11,13 @@ import os
 from distributed_ft.errors import ConfigError
 
 
+def configure_device_env() -> None:
+    """Tell DeepSpeed which accelerator it is on before anything imports it (it guesses noisily)."""
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
 
@@ -60,7 +67,7 @@ def build_accelerator(training, project_dir: str | None = None):
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     kwargs = {}
     if deepspeed_requested():
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        configure_device_env()
         kwargs["deepspeed_plugin"] = _deepspeed_plugin(training)
     elif launched and not torch.cuda.is_available():
         kwargs["cpu"] = True  # several CPU processes: data parallel over gloo

@@ -55,9 +55,14 @@ def response_mask(response: torch.Tensor, eos_id: int | None, pad_id: int | None
 
 
 def generate(policy, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int, do_sample: bool,
-             temperature: float, top_p: float, eos_id: int | None, pad_id: int) -> torch.Tensor:
-    """Responses [n, max_new_tokens] (right padded with pad_id) from an unwrapped (gathered) policy."""
-    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True)
+             temperature: float, top_p: float, eos_id: int | None, pad_id: int, synced: bool = False) -> torch.Tensor:
+    """Responses [n, max_new_tokens] (right padded with pad_id) from an unwrapped (gathered) policy.
+
+    `synced`: every rank keeps stepping until all are done (ZeRO-3 runs a small collective per forward pass
+    even with the parameters gathered), so ranks must also call this the same number of times.
+    """
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,
+                  synced_gpus=synced)
     if do_sample:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     else:

@@ -61,7 +61,10 @@ class PPOTrainer:
     def _generate(self, prompts: list[str], *, sample: bool, batch: int | None = None) -> tuple:
         from trl.models.utils import unwrap_model_for_generation
 
+        from distributed_ft.engine.distributed import zero_stage
+
         query, query_mask = encode_queries(self.tokenizer, prompts) if prompts else (None, None)
+        synced = self.acc.num_processes > 1 and zero_stage(self.acc) == 3
         responses = []
         self.model.eval()
         # Under ZeRO-3 the parameters are gathered once for the whole batch (a collective: every rank enters).
@@ -71,7 +74,7 @@ class PPOTrainer:
                 responses.append(generate(
                     unwrapped.policy, query[i:i + step].to(self.acc.device), query_mask[i:i + step].to(self.acc.device),
                     max_new_tokens=self.ppo.max_new_tokens, do_sample=sample, temperature=self.ppo.temperature,
-                    top_p=self.ppo.top_p, eos_id=self.eos_id, pad_id=self.pad_id).cpu())
+                    top_p=self.ppo.top_p, eos_id=self.eos_id, pad_id=self.pad_id, synced=synced).cpu())
         if not prompts:
             return None, None, None
         return query, query_mask, torch.cat(responses)
@@ -202,9 +205,12 @@ class PPOTrainer:
         """Greedy responses to held-out prompts (sharded over ranks), graded; mean reward over all ranks."""
         world, rank = self.acc.num_processes, self.acc.process_index
         mine = entries[rank::world]
-        _, _, response = self._generate([e["prompt"] for e in mine], sample=False, batch=batch_size)
+        # Every rank generates the same number of batches (a ZeRO-3 requirement): pad with repeats, drop after.
+        padded = mine + [entries[0]] * (-(-len(entries) // world) - len(mine)) if entries else []
+        _, _, response = self._generate([e["prompt"] for e in padded], sample=False, batch=batch_size)
         total = torch.zeros(3, dtype=torch.float64)
         if mine:
+            response = response[:len(mine)]
             mask = response_mask(response, self.eos_id)
             texts = decode(self.tokenizer, response, mask)
             results, _ = self.grader.submit(texts, [e["item"] for e in mine]).result()
