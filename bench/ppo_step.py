@@ -55,7 +55,8 @@ def worker_dft(args) -> dict:
     overrides = [f"output.dir={out}", f"training.max_steps={steps}", f"ppo.rollout_batch_size={args.prompts}",
                  f"ppo.num_generations={args.generations}", f"ppo.max_new_tokens={args.new_tokens}",
                  "ppo.ppo_epochs=1", f"training.micro_batch_size={samples}", "training.gradient_accumulation_steps=1",
-                 "ppo.kl.coef=0.04", "ppo.eval_prompts=0", "data.validation_fraction=0", "training.checkpoint_every=null",
+                 "ppo.kl.coef=0.04", "ppo.eval_prompts=0", "data.validation_fraction=0",
+                 "training.checkpoint_every=null",
                  "logging.progress_bar=false", "logging.log_every=1", "ppo.sample_every=1000000",
                  "data.train.0.num_examples=512"]
     run = PPORun(REPO / "configs" / "ppo" / "quickstart.yaml", overrides).build()

@@ -39,7 +39,7 @@ class PPORun:
         self.strategy = get_strategy(self.config.strategy.name)
         set_seed(self.config.training.seed)
         self.trainer = self.grader_process = self.client = self.run_logger = None
-        self.reference = None
+        self.reference = self.result = None
 
     def _check_run_dir(self) -> Path:
         config = self.config
@@ -141,7 +141,8 @@ class PPORun:
         acc = self.accelerator
         modules = [self.model] + ([self.reference] if self.reference is not None else [])
         params = [p for m in modules for p in m.parameters()]
-        info = {"rank": acc.process_index, "world_size": acc.num_processes, "distributed_type": str(acc.distributed_type),
+        info = {"rank": acc.process_index, "world_size": acc.num_processes,
+                "distributed_type": str(acc.distributed_type),
                 "local_parameters": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params),
                 "total_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in params),
                 "reference": "frozen copy" if self.reference is not None else "adapter disabled"}
@@ -191,6 +192,33 @@ class PPORun:
         self.accelerator.wait_for_everyone()
         return report
 
+    # -- the supervised evaluation (metrics against references), when eval.enabled ---------------------------
+    def _standard_evaluator(self):
+        from types import SimpleNamespace
+
+        from distributed_ft.run_eval import RunEvaluator
+
+        if getattr(self, "_eval", None) is None:
+            records = []
+            for p in self.prompts.held_out:
+                reference = p["item"].get("reference", p["item"].get("completion"))
+                if isinstance(reference, str):
+                    records.append({"task": p["item"].get("task", "ppo"), "prompt": p["prompt"],
+                                    "reference": reference})
+            self.data = SimpleNamespace(eval_records=records, tasks=sorted({r["task"] for r in records}))
+            self._eval = RunEvaluator(self)
+        return self._eval
+
+    def evaluate_baseline(self):
+        if self.config.eval.enabled:
+            return self._standard_evaluator().baseline()
+        return None
+
+    def evaluate_final(self):
+        if self.config.eval.enabled:
+            return self._standard_evaluator().final()
+        return None
+
     def trainer_steps(self) -> int:
         return getattr(getattr(self, "result", None), "step", 0)
 
@@ -215,11 +243,13 @@ def run_ppo(config_path: str, overrides: list[str]) -> int:
     try:
         run.prepare()
         before = run.reward_before()
+        run.evaluate_baseline()
         result = run.train()
         if result.stopped_by:
             return EXIT_STOPPED
         run.save()
         run.reward_after(before)
+        run.evaluate_final()
         return 0
     finally:
         run.close()
@@ -236,25 +266,3 @@ def add_subparser(subparsers):
     ppo.add_argument("overrides", nargs="*", help="key.sub=value")
     ppo.set_defaults(func=_cmd_ppo)
     return ppo
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (`python -m distributed_ft.ppo CONFIG ...`), e.g. under `accelerate launch`."""
-    import argparse
-    import sys
-
-    from distributed_ft.errors import DftError
-
-    parser = argparse.ArgumentParser(prog="python -m distributed_ft.ppo")
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    try:
-        return run_ppo(args.config, args.overrides)
-    except DftError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,7 +1,6 @@
 """`dft plan` (memory per GPU for each ZeRO stage) and `dft slurm render|submit` (multi-node jobs)."""
 from __future__ import annotations
 
-import argparse
 import json
 
 

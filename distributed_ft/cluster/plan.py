@@ -237,7 +237,10 @@ def plan_for_run_config(config, gpus: int, gpu_memory_gb: float = 80.0) -> Plan:
 
 def format_plan(plan: Plan) -> str:
     s = plan.shape
-    gb = lambda x: f"{x / GB:9.2f}"  # noqa: E731
+
+    def gb(value: float) -> str:
+        return f"{value / GB:9.2f}"
+
     lines = [
         f"model: {s.total_params:,} parameters, {s.trainable_params:,} trainable; {s.num_layers} layers, "
         f"hidden {s.hidden_size}, {s.num_heads} heads, vocabulary {s.vocab_size}",

@@ -100,9 +100,12 @@ def validate(spec: JobSpec) -> str:
     return launch
 
 
+def _job_name(spec: JobSpec) -> str:
+    return spec.job_name or f"dft-{spec.kind}-{Path(spec.config).stem}"
+
+
 def _options_block(spec: JobSpec) -> str:
-    name = spec.job_name or f"dft-{spec.kind}-{Path(spec.config).stem}"
-    lines = [f"--job-name={name}", f"--nodes={spec.nodes}", "--ntasks-per-node=1"]
+    lines = [f"--job-name={_job_name(spec)}", f"--nodes={spec.nodes}", "--ntasks-per-node=1"]
     if spec.gpus_per_node:
         lines.append(f"--gpus-per-node={spec.gpus_per_node}")
     if spec.cpus_per_node:
@@ -149,7 +152,7 @@ def render(spec: JobSpec) -> str:
 
 
 def write(spec: JobSpec, out: str | None = None) -> Path:
-    path = Path(out) if out else Path(spec.log_dir) / f"{spec.job_name or 'dft-' + spec.kind + '-' + Path(spec.config).stem}.sbatch"
+    path = Path(out) if out else Path(spec.log_dir) / f"{_job_name(spec)}.sbatch"
     text = render(spec)
     # sbatch does not create the folder of --output: without it the job fails before it starts.
     (Path(spec.workdir or Path.cwd()) / spec.log_dir).mkdir(parents=True, exist_ok=True)

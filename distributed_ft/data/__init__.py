@@ -65,7 +65,7 @@ def build_data(cfg: DataConfig, tokenizer, *, task_type: str, seed: int) -> Data
     if cfg.validation_fraction > 0:
         val_rows = {}
         for task in tasks:
-            train_rows[task], val_rows[task] = _hold_out(train_rows[task], cfg.validation_fraction, seed, task)
+            train_rows[task], val_rows[task] = hold_out(train_rows[task], cfg.validation_fraction, seed, task)
     elif cfg.validation:
         val_rows = {}
         for spec in cfg.validation:
@@ -127,7 +127,7 @@ def _normalised_rows(spec: DatasetSpec, tokenizer, task_type: str, seed: int) ->
     return normalised
 
 
-def _hold_out(rows: list[dict], fraction: float, seed: int, task: str) -> tuple[list[dict], list[dict]]:
+def hold_out(rows: list[dict], fraction: float, seed: int, task: str) -> tuple[list[dict], list[dict]]:
     """Split off round(fraction * n) rows (at least 1, never all) chosen by a per-task seeded shuffle."""
     n = len(rows)
     n_val = min(n - 1, max(1, round(fraction * n))) if n >= 2 else 0

@@ -60,7 +60,8 @@ def start_grader(grader_cfg, accelerator, run_dir: Path):
     local = None
     urls = list(grader_cfg.urls or [])
     if grader_cfg.config is not None:
-        world, local_world = accelerator.num_processes, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        world = accelerator.num_processes
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         from distributed_ft.grader.server import is_loopback
 
         if world > local_world and is_loopback(grader_cfg.host):

@@ -6,7 +6,6 @@ same module with its adapter disabled, so no second copy of the weights exists.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 
@@ -54,8 +53,15 @@ class PolicyWithValue(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
         self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
 
-    def forward(self, input_ids, attention_mask, position_ids=None, mode: str = "policy_value"):
-        """mode: "policy_value" -> (logits, values); "policy" -> (logits, None); "reference" -> (logits, None)."""
+    def generate(self, *args, **kwargs):
+        """The policy's generate: code that evaluates a causal LM can take this module as one."""
+        return self.policy.generate(*args, **kwargs)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, mode: str | None = None, **kwargs):
+        """mode: "policy_value" -> (logits, values); "policy" -> (logits, None); "reference" -> (logits, None);
+        None -> the policy's own output (so evaluation code sees a plain causal LM)."""
+        if mode is None:
+            return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         length = input_ids.shape[1]
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if mode == "reference":

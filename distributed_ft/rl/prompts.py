@@ -39,7 +39,7 @@ def _items(spec, seed: int) -> list[dict]:
 
 def build_prompts(data_cfg, seed: int) -> PromptSet:
     from distributed_ft.data import VALIDATION_SEED_OFFSET
-    from distributed_ft.data import _hold_out as hold_out
+    from distributed_ft.data import hold_out
 
     train, held = [], []
     for spec in data_cfg.train:

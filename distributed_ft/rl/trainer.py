@@ -231,7 +231,7 @@ class PPOTrainer:
     def train(self) -> PPOResult:
         from distributed_ft.grader.client import GraderUnavailable
 
-        acc, ppo, training = self.acc, self.ppo, self.training
+        ppo, training = self.ppo, self.training
         self.checkpoints.clean_incomplete()
         result = PPOResult(step=0)
         resume = resolve_resume(training.resume_from, self.checkpoints.root)
@@ -268,7 +268,7 @@ class PPOTrainer:
                 lr = self.scheduler.get_last_lr()[0]
                 self.scheduler.step()
                 result.step += 1
-                row = self._rollout_stats(ro, adv, counts, rate)
+                row = self._rollout_stats(ro, counts, rate)
                 kl_coef = self.kl_ctl.value
                 self.kl_ctl.update(row["kl"], int(counts[0]))
                 elapsed = time.perf_counter() - started
@@ -296,7 +296,7 @@ class PPOTrainer:
             stop.restore()
         return result
 
-    def _rollout_stats(self, ro: Rollout, adv: dict, counts, rate: float) -> dict:
+    def _rollout_stats(self, ro: Rollout, counts, rate: float) -> dict:
         ok = ro.scorable
         seq_kl = ((ro.logprobs - ro.ref_logprobs) * ro.mask).sum(1)  # every sample, scorable or not
         lengths = ro.mask.sum(1)

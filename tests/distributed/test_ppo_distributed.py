@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -58,7 +57,7 @@ def grader_url():
 
 
 def run_ppo(launch: list[str], out: Path, *overrides: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    cmd = [*launch, "-m", "distributed_ft.ppo", "configs/ppo/quickstart.yaml", f"output.dir={out}",
+    cmd = [*launch, "-m", "distributed_ft", "ppo", "configs/ppo/quickstart.yaml", f"output.dir={out}",
            "logging.progress_bar=false", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]

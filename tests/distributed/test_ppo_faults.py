@@ -54,7 +54,7 @@ COMMON = ["ppo.rollout_batch_size=8", "ppo.num_generations=2", "ppo.max_new_toke
 
 
 def _launch(out: Path, url: str, *overrides: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "distributed_ft.ppo", "configs/ppo/quickstart.yaml", f"output.dir={out}",
+    cmd = [sys.executable, "-m", "distributed_ft", "ppo", "configs/ppo/quickstart.yaml", f"output.dir={out}",
            f"grader.urls=[{url}]", *COMMON, *overrides]
     return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **ENV}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

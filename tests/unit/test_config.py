@@ -117,16 +117,17 @@ def test_missing_and_invalid_files(tmp_path):
 
 def test_every_shipped_config_loads():
     from distributed_ft.grader.spec import load_grader_spec
+    from distributed_ft.rl.config import load_ppo_config
 
     configs = sorted((REPO / "configs").rglob("*.yaml"))
-    loaders = {"grader": load_grader_spec}
+    loaders = {"grader": load_grader_spec, "ppo": load_ppo_config}
     counts = {}
     for path in configs:
         kind = path.parent.name if path.parent.name in loaders else "run"
-        if path.parent.name == "ppo":
-            continue  # loaded by the PPO tests with the PPO loader
+        if path.name.startswith("grader"):
+            kind = "grader"
         first = path.read_text().splitlines()[0]
         assert first.startswith("# ") and ("dft " in first or "accelerate launch" in first), path
         loaders.get(kind, load_config)(path)
         counts[kind] = counts.get(kind, 0) + 1
-    assert counts["run"] >= 14 and counts["grader"] >= 4, counts
+    assert counts["run"] >= 14 and counts["grader"] >= 6 and counts["ppo"] >= 4, counts

@@ -107,3 +107,15 @@ def test_prompt_stream_resumes_at_its_position():
     b = PromptStream(5, seed=3)
     b.load_state_dict(a.state_dict())
     assert a.take(6) == b.take(6)
+
+
+def test_ppo_subcommand_parses_config_and_overrides():
+    import argparse
+
+    from distributed_ft.ppo import _cmd_ppo, add_subparser
+
+    parser = argparse.ArgumentParser()
+    add_subparser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["ppo", "configs/ppo/quickstart.yaml", "ppo.kl.coef=0.1"])
+    assert args.func is _cmd_ppo and args.config == "configs/ppo/quickstart.yaml"
+    assert args.overrides == ["ppo.kl.coef=0.1"]
