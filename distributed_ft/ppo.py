@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
-import yaml
-
+from distributed_ft.engine.rundir import check_run_dir, create_run_dir, record_rank
 from distributed_ft.errors import ConfigError
 
 EXIT_STOPPED = 3  # stopped by a signal after saving a checkpoint; rerun with training.resume_from=latest
@@ -35,22 +33,12 @@ class PPORun:
         setup_console_logging(self.accelerator.is_main_process)
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per grading request otherwise
         self.minibatch_size, self.num_minibatches = check_topology(self.config, self.accelerator.num_processes)
-        self.run_dir = self._check_run_dir()
+        self.run_dir = check_run_dir(self.config)
         self.strategy = get_strategy(self.config.strategy.name)
         set_seed(self.config.training.seed)
         self.trainer = self.grader_process = self.client = self.run_logger = None
         self.reference = self.result = None
 
-    def _check_run_dir(self) -> Path:
-        config = self.config
-        run_dir = Path(config.output.dir)
-        resuming = config.training.resume_from is not None
-        if run_dir.exists() and any(run_dir.iterdir()) and not (resuming or config.output.overwrite):
-            raise ConfigError(f"output.dir {run_dir} already holds a run; set training.resume_from=latest "
-                              f"to continue it or output.overwrite=true to replace it")
-        return run_dir
-
-    # -- build ---------------------------------------------------------------------------------------------------
     def build(self) -> "PPORun":
         from distributed_ft.engine.logging import logger
         from distributed_ft.models import load_model_and_tokenizer
@@ -79,20 +67,8 @@ class PPORun:
                     f"'{self.strategy.name}', critic {config.ppo.critic.mode}, reference "
                     f"{'adapter disabled' if self.reference is None else 'frozen copy'}; "
                     f"{len(self.prompts.train)} train / {len(self.prompts.held_out)} held-out prompts")
-        self._create_run_dir()
+        create_run_dir(self.accelerator, self.config, self.config_path, "PPO")
         return self
-
-    def _create_run_dir(self) -> None:
-        from distributed_ft.config import config_hash, config_to_dict
-
-        acc, run_dir = self.accelerator, self.run_dir
-        if acc.is_main_process:
-            if self.config.output.overwrite and self.config.training.resume_from is None and run_dir.exists():
-                shutil.rmtree(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            header = f"# resolved PPO config of {self.config_path} (hash {config_hash(self.config)})\n"
-            (run_dir / "config.yaml").write_text(header + yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
-        acc.wait_for_everyone()
 
     def prepare(self) -> "PPORun":
         """Wrap the model, start (or reach) the grader and build the PPO trainer."""
@@ -138,17 +114,9 @@ class PPORun:
         return self.trainer
 
     def _record_rank(self) -> None:
-        acc = self.accelerator
         modules = [self.model] + ([self.reference] if self.reference is not None else [])
-        params = [p for m in modules for p in m.parameters()]
-        info = {"rank": acc.process_index, "world_size": acc.num_processes,
-                "distributed_type": str(acc.distributed_type),
-                "local_parameters": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params),
-                "total_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in params),
-                "reference": "frozen copy" if self.reference is not None else "adapter disabled"}
-        folder = self.run_dir / "ranks"
-        folder.mkdir(exist_ok=True)
-        (folder / f"rank-{acc.process_index}.json").write_text(json.dumps(info))
+        record_rank(self.accelerator, self.run_dir, modules,
+                    reference="frozen copy" if self.reference is not None else "adapter disabled")
 
     # -- stages ------------------------------------------------------------------------------------------------
     def _held_out(self) -> list[dict]:

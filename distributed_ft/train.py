@@ -5,12 +5,9 @@ one by one; `run_train` is the linear path the CLI takes.
 """
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
-import yaml
-
+from distributed_ft.engine.rundir import check_run_dir, create_run_dir, record_rank
 from distributed_ft.errors import ConfigError
 
 EXIT_STOPPED = 3  # stopped by a signal after saving a checkpoint; rerun with resume_from=latest
@@ -30,22 +27,12 @@ class TrainingRun:
         self.config = load_config(config_path, overrides)
         self.accelerator = build_accelerator(self.config.training)
         setup_console_logging(self.accelerator.is_main_process)
-        self.run_dir = self._check_run_dir()
+        self.run_dir = check_run_dir(self.config)
         self.strategy = get_strategy(self.config.strategy.name)
         set_seed(self.config.training.seed)
         self.trainer = None
         self.result = None
         self.run_logger = None
-
-    def _check_run_dir(self) -> Path:
-        """Refuse to clobber an earlier run unless asked; checked before anything is written."""
-        config = self.config
-        run_dir = Path(config.output.dir)
-        resuming = config.training.resume_from is not None
-        if run_dir.exists() and any(run_dir.iterdir()) and not (resuming or config.output.overwrite):
-            raise ConfigError(f"output.dir {run_dir} already holds a run; set training.resume_from=latest "
-                              f"to continue it or output.overwrite=true to replace it")
-        return run_dir
 
     def build(self) -> "TrainingRun":
         """Load model, tokenizer and data and apply the strategy; nothing is written before this succeeds."""
@@ -67,20 +54,8 @@ class TrainingRun:
                     f"({100 * trainable / max(total, 1):.3f}%) with strategy '{self.strategy.name}'")
         for task, counts in self.data.stats.items():
             logger.info(f"data {task}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-        self._create_run_dir()
+        create_run_dir(self.accelerator, self.config, self.config_path, "run")
         return self
-
-    def _create_run_dir(self) -> None:
-        from distributed_ft.config import config_hash, config_to_dict
-
-        acc, run_dir = self.accelerator, self.run_dir
-        if acc.is_main_process:
-            if self.config.output.overwrite and self.config.training.resume_from is None and run_dir.exists():
-                shutil.rmtree(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            header = f"# resolved config of {self.config_path} (hash {config_hash(self.config)})\n"
-            (run_dir / "config.yaml").write_text(header + yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
-        acc.wait_for_everyone()
 
     def prepare(self) -> "TrainingRun":
         """Wrap the model for the launch: with its optimizer when it trains, alone otherwise."""
@@ -137,19 +112,7 @@ class TrainingRun:
             self._evaluator().during_training(step)
 
     def _record_rank(self, model) -> None:
-        """Each rank writes what it holds: proof of the topology (and of ZeRO-3 sharding) in the run dir."""
-        from distributed_ft.engine.distributed import zero_stage
-
-        acc = self.accelerator
-        params = list(model.parameters())
-        local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
-        total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
-        info = {"rank": acc.process_index, "world_size": acc.num_processes,
-                "distributed_type": str(acc.distributed_type), "zero_stage": zero_stage(acc),
-                "local_parameters": local, "total_parameters": total}
-        folder = self.run_dir / "ranks"
-        folder.mkdir(exist_ok=True)
-        (folder / f"rank-{acc.process_index}.json").write_text(json.dumps(info))
+        record_rank(self.accelerator, self.run_dir, [model])
 
     def save(self) -> Path:
         from distributed_ft.engine.logging import logger

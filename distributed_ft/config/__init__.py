@@ -36,13 +36,17 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return raw
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None):
-    """Read, override and validate a run config; every problem is a one-line ConfigError."""
-    from distributed_ft.config.schema import RunConfig
+def load_sections(path: str | os.PathLike, overrides: list[str] | None, schema, required: dict[str, str] | None = None):
+    """Read YAML, apply overrides, validate against `schema` with the registered strategy's own
+    config model for the `strategy` section. `required` maps sections that must be present to a hint.
+    Returns (config, strategy)."""
     from distributed_ft.strategies import get_strategy
 
     source = str(path)
     raw = apply_overrides(read_yaml(path), list(overrides or []))
+    for section, hint in (required or {}).items():
+        if section not in raw:
+            raise ConfigError(f"{source}: missing section '{section}' ({hint})")
     strategy_raw = raw.pop("strategy", None)
     if isinstance(strategy_raw, str):
         strategy_raw = {"name": strategy_raw}
@@ -51,9 +55,17 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None):
     strategy = get_strategy(str(strategy_raw["name"]))
     strategy_cfg = parse_section(strategy.config_cls, strategy_raw, source, prefix=("strategy",))
     raw["strategy"] = {}
-    config = parse_section(RunConfig, raw, source)
+    config = parse_section(schema, raw, source)
     config.strategy = strategy_cfg
-    _check_cross_fields(config, strategy, source)
+    return config, strategy
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None):
+    """Read, override and validate a run config; every problem is a one-line ConfigError."""
+    from distributed_ft.config.schema import RunConfig
+
+    config, strategy = load_sections(path, overrides, RunConfig)
+    _check_cross_fields(config, strategy, str(path))
     return config
 
 

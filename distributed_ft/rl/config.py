@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from distributed_ft.config.base import StrictModel, parse_section
+from distributed_ft.config.base import StrictModel
 from distributed_ft.config.schema import LoggingConfig, ModelConfig, OutputConfig, TrainingConfig
 from distributed_ft.data.config import DataConfig
 from distributed_ft.errors import ConfigError
@@ -83,24 +83,11 @@ class PPORunConfig(StrictModel):
 
 def load_ppo_config(path: str | os.PathLike, overrides: list[str] | None = None) -> PPORunConfig:
     """Read, override and validate a PPO config; every problem is a one-line ConfigError."""
-    from distributed_ft.config import read_yaml
-    from distributed_ft.config.overrides import apply_overrides
-    from distributed_ft.strategies import get_strategy
+    from distributed_ft.config import load_sections
 
     source = str(path)
-    raw = apply_overrides(read_yaml(path), list(overrides or []))
-    strategy_raw = raw.pop("strategy", None)
-    if isinstance(strategy_raw, str):
-        strategy_raw = {"name": strategy_raw}
-    if not isinstance(strategy_raw, dict) or "name" not in strategy_raw:
-        raise ConfigError(f"{source}: section 'strategy' needs a 'name' (see `dft strategies`)")
-    strategy = get_strategy(str(strategy_raw["name"]))
-    strategy_cfg = parse_section(strategy.config_cls, strategy_raw, source, prefix=("strategy",))
-    if "grader" not in raw:
-        raise ConfigError(f"{source}: missing section 'grader' (grader.config: <spec.yaml> or grader.urls: [...])")
-    raw["strategy"] = {}
-    config = parse_section(PPORunConfig, raw, source)
-    config.strategy = strategy_cfg
+    config, strategy = load_sections(path, overrides, PPORunConfig,
+                                     required={"grader": "grader.config: <spec.yaml> or grader.urls: [...]"})
     _check(config, strategy, source)
     if config.grader.config is not None:
         from distributed_ft.grader.spec import load_grader_spec
