@@ -63,12 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     strategies.set_defaults(func=_cmd_strategies)
 
     from distributed_ft import ppo
+    from distributed_ft.cluster import cli as cluster_cli
     from distributed_ft.eval import cli as eval_cli
     from distributed_ft.grader import cli as grader_cli
 
     ppo.add_subparser(sub)
     eval_cli.add_subparser(sub)
     grader_cli.add_subparser(sub)
+    cluster_cli.add_subparser(sub)
     return parser
 
 

@@ -10,8 +10,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-BUILTIN_VERSION = "tiny-v1"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+COMPLETE_MARKER = ".complete"
+# Everything the built-in folder is made from; the cache key hashes it with the tokenizer corpus,
+# so a change to either builds a new folder instead of reusing a stale one.
+TINY_CONFIG = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False)
+TOKENIZER_VOCAB = 512
+INIT_SEED = 0
 
 
 def cache_root() -> Path:
@@ -22,24 +28,40 @@ def builtin_model_path(name: str = "tiny") -> Path:
     """Return the folder of a built-in model, building it first if it is not cached yet."""
     if name != "tiny":
         raise ValueError(f"unknown built-in model {name!r}")
-    target = cache_root() / "builtin" / BUILTIN_VERSION
-    if not (target / "config.json").is_file():
+    target = cache_root() / "builtin" / f"tiny-{_recipe_hash()}"
+    if not (target / COMPLETE_MARKER).is_file():
         _build_atomically(target)
     return target
 
 
+def _recipe_hash() -> str:
+    import hashlib
+    import json
+
+    from distributed_ft.data.builtin import builtin_corpus
+
+    recipe = json.dumps([TINY_CONFIG, TOKENIZER_VOCAB, INIT_SEED, SPECIAL_TOKENS, builtin_corpus(seed=0)])
+    return hashlib.sha256(recipe.encode()).hexdigest()[:12]
+
+
 def _build_atomically(target: Path) -> None:
     # Every rank may get here at once; each builds the same deterministic folder in a private
-    # temporary directory and the first rename wins, so no reader ever sees a half-written one.
+    # temporary directory, marks it complete, and the first rename wins. A folder without the
+    # marker (left by an interrupted older build) is replaced.
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
         _build_tiny(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
+        (tmp / COMPLETE_MARKER).write_text("complete\n")
+        for _ in range(3):
+            try:
+                os.rename(tmp, target)
+                return
+            except OSError:
+                if (target / COMPLETE_MARKER).is_file():
+                    return
+                shutil.rmtree(target, ignore_errors=True)
+        raise OSError(f"could not create the built-in model folder {target}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -54,7 +76,7 @@ def train_builtin_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Metaspace(), pre_tokenizers.Digits(individual_digits=True)])
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS, min_frequency=2)
+    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=SPECIAL_TOKENS, min_frequency=2)
     tok.train_from_iterator(builtin_corpus(seed=0), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>", pad_token="<pad>", model_max_length=512)
@@ -65,12 +87,9 @@ def _build_tiny(folder: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = train_builtin_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY_CONFIG)
+    torch.manual_seed(INIT_SEED)
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.distributed.grader_process import start_grader, stop
 import torch
 
 pytestmark = pytest.mark.distributed
@@ -21,37 +23,9 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 TIMING = ("time/", "grader_latency_s", "samples_per_s")
 
 
-def start_grader(spec: str, port: int | None = None):
-    """A grader server process and its URL, once healthy."""
-    from distributed_ft.grader.client import GraderClient
-    from distributed_ft.rl.grading import free_port
-
-    port = port or free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "distributed_ft.grader", "serve", "--config", spec,
-                             "--port", str(port), "--log-level", "warning"], cwd=REPO,
-                            env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        GraderClient(url, timeout_s=5).wait_healthy(60)
-    except Exception:
-        proc.kill()
-        raise
-    return proc, url
-
-
-def stop(proc) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def grader_url():
-    proc, url = start_grader(GRADER_SPEC)
+    proc, url = start_grader(GRADER_SPEC, env=ENV)
     yield url
     stop(proc)
 

@@ -10,39 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.distributed.grader_process import start_grader, stop
+
 pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[2]
 GRADER_SPEC = "configs/ppo/grader_letters.yaml"
 ENV = {"OMP_NUM_THREADS": "1"}
-
-
-def start_grader(spec: str, port: int | None = None):
-    """A grader server process and its URL, once healthy."""
-    from distributed_ft.grader.client import GraderClient
-    from distributed_ft.rl.grading import free_port
-
-    port = port or free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "distributed_ft.grader", "serve", "--config", spec,
-                             "--port", str(port), "--log-level", "warning"], cwd=REPO,
-                            env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        GraderClient(url, timeout_s=5).wait_healthy(60)
-    except Exception:
-        proc.kill()
-        raise
-    return proc, url
-
-
-def stop(proc) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -100,7 +74,7 @@ def test_outage_masks_samples_and_run_continues(tmp_path):
 
 
 def test_dead_grader_aborts_with_checkpoint_and_message(tmp_path):
-    grader, url = start_grader(GRADER_SPEC)
+    grader, url = start_grader(GRADER_SPEC, env=ENV)
     out = tmp_path / "abort"
     run = _launch(out, url, "training.max_steps=50", "ppo.unscorable_threshold=0.5")
     try:

@@ -1,0 +1,136 @@
+"""slurm/ppo.sbatch on the local two-node cluster (.ci/start_slurm): the grader on n2, one ZeRO-2 trainer
+rank on n1 reaching it over HTTP with the job's token, and the grader step stopped at the end."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slurm
+
+STEPS = 3
+OVERRIDES = [f"training.max_steps={STEPS}", "ppo.rollout_batch_size=4", "ppo.num_generations=2",
+             "training.micro_batch_size=4", "ppo.ppo_epochs=1", "ppo.eval_prompts=4",
+             "data.train.0.num_examples=40", "training.checkpoint_every=100", "logging.progress_bar=false"]
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def _cluster_problem() -> str | None:
+    from tests.slurm.test_slurm_train import _cluster_problem as problem
+
+    return problem()
+
+
+_PROBLEM = _cluster_problem()
+if _PROBLEM:
+    pytestmark = [pytest.mark.slurm, pytest.mark.skip(reason=_PROBLEM)]
+
+_SUBMITTED: list[str] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cancel_leftovers():
+    yield
+    for job in _SUBMITTED:  # only the jobs this module submitted
+        subprocess.run(["scancel", job], capture_output=True, timeout=30)
+
+
+def sbatch(args: list[str], logs: Path) -> str:
+    logs.mkdir(parents=True, exist_ok=True)  # sbatch does not create the folder of --output
+    env = {**os.environ, "DFT_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "DFT_LOG_DIR": str(logs)}
+    for key in ("SLURM_JOB_ID", "SLURM_NNODES", "DFT_GRADER_TOKEN"):
+        env.pop(key, None)
+    proc = subprocess.run(["sbatch", "--parsable", f"--chdir={REPO}", f"--output={logs}/batch-%j.out", *args],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    _SUBMITTED.append(job)
+    return job
+
+
+def job_info(job: str) -> dict:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_for(job: str, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = job_info(job)
+        if info.get("JobState") in TERMINAL:
+            return info
+        time.sleep(2)
+    subprocess.run(["scancel", job], capture_output=True, timeout=30)
+    pytest.fail(f"job {job} did not finish in {timeout}s: {job_info(job)}")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_grader_on_its_own_node_serves_the_trainer_and_stops(tmp_path):
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    job = sbatch(["--nodes=2", "slurm/ppo.sbatch", "configs/ppo/quickstart.yaml", f"output.dir={out}", *OVERRIDES],
+                 logs)
+    info = wait_for(job)
+    batch = (logs / f"batch-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", batch
+    port = 40000 + int(job) % 20000
+    url = f"http://n2:{port}"
+    assert f"grader on n2 ({url}" in batch and "trainers on n1: 1 node(s)" in batch, batch
+    grader_log = (logs / f"dft-ppo-{job}-grader.out").read_text()
+    trainer_log = (logs / f"dft-ppo-{job}-node0.out").read_text()
+    assert f"[dft] grader on node n2, port {port}" in grader_log
+    assert "(bearer token required)" in grader_log  # listening beyond loopback, with the job's token
+    assert f"node n1: SLURM_NODEID=0 machine_rank=0 ranks 0..0 of 1, grader {url}" in trainer_log
+
+    # The trainer used that grader, not one of its own: no local grader log, the saved config points at it.
+    assert not (out / "grader.log").exists()
+    saved = yaml.safe_load((out / "config.yaml").read_text())["grader"]
+    assert saved["config"] is None and saved["urls"] == [url]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert all(r["unscorable_rate"] == 0 and r["unscorable"] == 0 and r["samples"] > 0 for r in rows)
+    assert all(0.0 <= r["reward_mean"] <= 1.0 for r in rows)
+
+    # Stopped gracefully by the script (the server logs its totals only then), after training ended:
+    # it graded exactly the trainer's rollouts plus the held-out prompts before and after training.
+    assert re.search(rf"\[dft\] grader step {job}\.\d+ stopped\n\[dft\] ppo exited with 0", batch), batch
+    totals = re.search(r"grader stopped after (\{.*\})", grader_log)
+    assert totals, grader_log
+    stats = ast.literal_eval(totals.group(1))
+    held_out = json.loads((out / "eval" / "ppo_reward.json").read_text())
+    expected = sum(r["samples"] for r in rows) + held_out["before"]["prompts"] + held_out["after"]["prompts"]
+    assert stats["samples"] == expected and stats["unscorable"] == 0 and stats["bad_requests"] == 0
+    assert not _port_open(port)
+    steps = subprocess.run(["squeue", "-h", "-s", "-j", job], capture_output=True, text=True, timeout=30).stdout
+    assert steps.strip() == ""
+
+    # The token is in no log.
+    for path in logs.iterdir():
+        assert not re.search(r"\b[0-9a-f]{64}\b", path.read_text()), path
+
+
+def test_one_node_is_refused_before_anything_starts(tmp_path):
+    logs = tmp_path / "logs"
+    job = sbatch(["--nodes=1", "slurm/ppo.sbatch", "configs/ppo/quickstart.yaml", f"output.dir={tmp_path / 'out'}"],
+                 logs)
+    info = wait_for(job, timeout=60)
+    batch = (logs / f"batch-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"].startswith("2:"), batch
+    assert "the grader needs a node of its own: submit with --nodes=2 or more" in batch
+    assert not list(logs.glob("*-grader.out")) and not (tmp_path / "out").exists()
