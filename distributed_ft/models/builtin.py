@@ -84,6 +84,7 @@ def train_builtin_tokenizer():
 
 def _build_tiny(folder: Path) -> None:
     import torch
+    from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = train_builtin_tokenizer()
@@ -91,5 +92,13 @@ def _build_tiny(folder: Path) -> None:
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY_CONFIG)
     torch.manual_seed(INIT_SEED)
     model = LlamaForCausalLM(config)
-    model.save_pretrained(folder, safe_serialization=True)
+    # Written directly rather than with model.save_pretrained, which writes nothing on ranks other
+    # than 0 once a process group exists, and every rank may be the one building this folder.
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (folder / f).is_file()]
+    if missing:
+        raise OSError(f"building the built-in model wrote no {', '.join(missing)} in {folder}")

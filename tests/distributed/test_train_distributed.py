@@ -29,8 +29,10 @@ LAUNCH = {
 }
 
 
-def launch(kind: str, config: str, out: Path, *extra: str) -> Path:
+def launch(kind: str, config: str, out: Path, *extra: str, cache: Path | None = None) -> Path:
     prefix, env = LAUNCH[kind]
+    if cache is not None:  # a fresh cache: every rank builds the built-in model after the process group is up
+        env = {**env, "DFT_CACHE_DIR": str(cache)}
     micro = 8 if kind == "single" else 4  # the same global batch of 8 in every run
     cmd = [*prefix, str(SCRIPT), config, f"output.dir={out}", f"training.micro_batch_size={micro}", *COMMON, *extra]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
@@ -66,7 +68,8 @@ def reload_logits(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="module")
 def full_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("full")
-    return {kind: launch(kind, "configs/full.yaml", root / kind) for kind in LAUNCH}
+    return {kind: launch(kind, "configs/full.yaml", root / kind, cache=root / "cache" if kind == "ddp" else None)
+            for kind in LAUNCH}
 
 
 def test_loss_curves_match_single_process(full_runs):

@@ -134,3 +134,35 @@ def test_one_node_is_refused_before_anything_starts(tmp_path):
     assert info["JobState"] == "FAILED" and info["ExitCode"].startswith("2:"), batch
     assert "the grader needs a node of its own: submit with --nodes=2 or more" in batch
     assert not list(logs.glob("*-grader.out")) and not (tmp_path / "out").exists()
+
+
+def test_usr1_checkpoints_keeps_the_grader_up_requeues_and_resumes(tmp_path):
+    out, logs, steps = tmp_path / "out", tmp_path / "logs", 20
+    job = sbatch(["--nodes=2", "slurm/ppo.sbatch", "configs/ppo/quickstart.yaml", f"output.dir={out}",
+                  *OVERRIDES, f"training.max_steps={steps}"], logs)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 150
+    while not (metrics.exists() and metrics.read_text().strip()):  # the ranks' handlers are set
+        assert time.monotonic() < deadline, f"no training progress: {job_info(job)}"
+        assert job_info(job).get("JobState") not in TERMINAL, (logs / f"batch-{job}.out").read_text()
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
+    deadline = time.monotonic() + 200
+    while (info := job_info(job)).get("JobState") not in TERMINAL or info.get("Restarts") != "1":
+        assert time.monotonic() < deadline, f"job {job} did not requeue and finish: {info}"
+        time.sleep(2)
+    batch = (logs / f"batch-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", batch
+    # First run: stopped with a checkpoint, and only then its grader (it ignored the USR1 sent to every step).
+    first = re.search(rf"USR1 received.*?\[dft\] grader step {job}\.\d+ stopped\n\[dft\] ppo exited with 3\n"
+                      rf"\[dft\] requeueing job {job} to continue from \S+/step-(\d{{8}})", batch, re.S)
+    assert first, batch
+    assert batch.count("[dft] grader ready at") == 2 and batch.rstrip().endswith("ppo exited with 0"), batch
+    grader_log = (logs / f"dft-ppo-{job}-grader.out").read_text()
+    assert grader_log.count("grader stopped after") == 2, grader_log  # both runs' graders shut down cleanly
+    trainer_log = (logs / f"dft-ppo-{job}-node0.out").read_text()
+    resumed = re.search(r"resumed from \S+/step-(\d{8}) at step (\d+)", trainer_log)
+    assert resumed and int(resumed.group(1)) == int(first.group(1)) < steps, trainer_log
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert all(r["unscorable_rate"] == 0 for r in rows)
