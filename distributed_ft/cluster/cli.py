@@ -26,7 +26,7 @@ def add_subparser(subparsers) -> None:
         p.add_argument("--cpus-per-node", type=int, help="CPUs for each node's ranks (sbatch --cpus-per-task)")
         p.add_argument("--launch", help="accelerate launch config (default launch/zero3.yaml, "
                                         "launch/zero2_cpu.yaml without GPUs)")
-        p.add_argument("--kind", choices=("train", "eval"), default="train")
+        p.add_argument("--kind", choices=("train", "eval", "ppo"), default="train")
         p.add_argument("--partition")
         p.add_argument("--time", help="time limit, e.g. 02:00:00")
         p.add_argument("--account")

@@ -16,7 +16,7 @@ from pathlib import Path
 from distributed_ft.errors import ConfigError, DftError
 
 REPO = Path(__file__).resolve().parents[2]
-TEMPLATES = {"train": "train.sbatch", "eval": "eval.sbatch"}
+TEMPLATES = {"train": "train.sbatch", "eval": "eval.sbatch", "ppo": "ppo.sbatch"}
 _BLOCK = r"(# >>> {name}[^\n]*\n)(.*?)(# <<< {name}[^\n]*\n)"
 
 
@@ -77,9 +77,11 @@ def check_allocation(nodes: int, env: dict | None = None) -> None:
 def validate(spec: JobSpec) -> str:
     """Check the job's inputs; returns the launch config path. Every problem is one line."""
     from distributed_ft.config import load_config
+    from distributed_ft.rl.config import load_ppo_config
 
-    if spec.nodes < 1:
-        raise ConfigError(f"--nodes must be at least 1, got {spec.nodes}")
+    min_nodes = 2 if spec.kind == "ppo" else 1  # PPO: trainer nodes plus one grader node
+    if spec.nodes < min_nodes:
+        raise ConfigError(f"--nodes must be at least {min_nodes} for a {spec.kind} job, got {spec.nodes}")
     if spec.gpus_per_node < 0:
         raise ConfigError(f"--gpus-per-node must be 0 or more, got {spec.gpus_per_node}")
     if spec.processes_per_node is not None and spec.processes_per_node < 1:
@@ -92,7 +94,8 @@ def validate(spec: JobSpec) -> str:
         raise ConfigError(f"--time '{spec.time}' is not a Slurm time (minutes, HH:MM:SS or D-HH:MM:SS)")
     if not Path(spec.config).is_file():
         raise ConfigError(f"config file not found: {spec.config}")
-    load_config(spec.config, spec.overrides)  # a bad config fails here, not on the cluster
+    # A bad config fails here, not on the cluster.
+    (load_ppo_config if spec.kind == "ppo" else load_config)(spec.config, spec.overrides)
     launch = spec.launch or default_launch(spec.gpus_per_node)
     if not Path(launch).is_file():
         raise ConfigError(f"launch config not found: {launch}")

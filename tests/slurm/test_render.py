@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from distributed_ft.cluster.slurm import JobSpec, SlurmError, check_allocation, render, submit, write
+from distributed_ft.cluster.slurm import JobSpec, SlurmError, check_allocation, render, submit, validate, write
 from distributed_ft.errors import ConfigError
 
 from tests.conftest import REPO
@@ -133,3 +133,13 @@ def test_cli_render_and_submit_without_sbatch(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
     with pytest.raises(SlurmError, match="sbatch not found"):
         submit(out)
+
+
+def test_ppo_job_renders_from_its_template_and_needs_a_grader_node():
+    text = render(_spec(kind="ppo", config="configs/ppo/quickstart.yaml", overrides=["training.max_steps=5"]))
+    assert "grader" in text and "--nodes=3" in " ".join(re.findall(r"^#SBATCH (\S+)", text, re.M))
+    assert "DEFAULT_ARGS=(configs/ppo/quickstart.yaml training.max_steps=5)" in text
+    with pytest.raises(ConfigError, match="at least 2 for a ppo job"):
+        validate(_spec(kind="ppo", config="configs/ppo/quickstart.yaml", nodes=1))
+    with pytest.raises(ConfigError, match="grader"):  # an SFT config is not a PPO config
+        validate(_spec(kind="ppo", config=CONFIG))
