@@ -9,21 +9,14 @@ from distributed_ft.config.base import parse_section
 from distributed_ft.errors import ModelError
 from distributed_ft.strategies import count_parameters, get_strategy, load_trained
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS = 30
 PAD = 0
 LR = 5e-2
 # Larger than Llama's 0.02 so a frozen random head gives logits with real spread: otherwise methods that leave
 # the head frozen (IA3, prompt tuning, BitFit) can barely move a near-uniform output in 30 steps.
 INIT_RANGE = 0.2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run much faster (and steadier on a shared machine) on one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def tiny_config(**extra) -> LlamaConfig:

@@ -14,14 +14,7 @@ from distributed_ft.errors import ConfigError, DataError, ModelError
 from distributed_ft.strategies import build_prompt, count_parameters, get_strategy, load_trained, registered
 from distributed_ft.strategies.common import find_blocks
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run much faster (and steadier on a shared machine) on one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(cls=LlamaForCausalLM, seed: int = 0, **extra):
