@@ -12,38 +12,18 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.slurm.cluster import TERMINAL, job_info, module_marks
+from tests.slurm.cluster import sbatch as submit
+from tests.slurm.cluster import wait_for as wait_for_job
 
-pytestmark = pytest.mark.slurm
+pytestmark = module_marks()
 
 STEPS = 3
 OVERRIDES = [f"training.max_steps={STEPS}", "ppo.rollout_batch_size=4", "ppo.num_generations=2",
              "training.micro_batch_size=4", "ppo.ppo_epochs=1", "ppo.eval_prompts=4",
              "data.train.0.num_examples=40", "training.checkpoint_every=100", "logging.progress_bar=false"]
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-
-
-def _cluster_problem() -> str | None:
-    from tests.slurm.test_slurm_train import _cluster_problem as problem
-
-    return problem()
-
-
-_PROBLEM = _cluster_problem()
-if _PROBLEM:
-    pytestmark = [pytest.mark.slurm, pytest.mark.skip(reason=_PROBLEM)]
-
-_SUBMITTED: list[str] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cancel_leftovers():
-    yield
-    for job in _SUBMITTED:  # only the jobs this module submitted
-        subprocess.run(["scancel", job], capture_output=True, timeout=30)
 
 
 def sbatch(args: list[str], logs: Path) -> str:
@@ -52,28 +32,11 @@ def sbatch(args: list[str], logs: Path) -> str:
            "DFT_LOG_DIR": str(logs)}
     for key in ("SLURM_JOB_ID", "SLURM_NNODES", "DFT_GRADER_TOKEN"):
         env.pop(key, None)
-    proc = subprocess.run(["sbatch", "--parsable", f"--chdir={REPO}", f"--output={logs}/batch-%j.out", *args],
-                          capture_output=True, text=True, env=env, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    job = proc.stdout.strip().split(";")[0]
-    _SUBMITTED.append(job)
-    return job
-
-
-def job_info(job: str) -> dict:
-    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
+    return submit([f"--output={logs}/batch-%j.out", *args], env)
 
 
 def wait_for(job: str, timeout: float = 180) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = job_info(job)
-        if info.get("JobState") in TERMINAL:
-            return info
-        time.sleep(2)
-    subprocess.run(["scancel", job], capture_output=True, timeout=30)
-    pytest.fail(f"job {job} did not finish in {timeout}s: {job_info(job)}")
+    return wait_for_job(job, timeout)
 
 
 def _port_open(port: int) -> bool:

@@ -14,15 +14,17 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.slurm.cluster import TERMINAL, job_info, module_marks
+from tests.slurm.cluster import sbatch as submit
+from tests.slurm.cluster import wait_for as wait_for_job
 
-pytestmark = pytest.mark.slurm
+pytestmark = module_marks()
 
 STEPS = 12
 COMMON = [f"training.max_steps={STEPS}", "training.micro_batch_size=4", "training.warmup_steps=0",
           "logging.log_every=1", "logging.progress_bar=false", "eval.enabled=false",
           "data.validation_fraction=0.0", "data.train.0.num_examples=200", "data.train.1.num_examples=100",
           "data.train.2.num_examples=100", "data.train.3.num_examples=100"]
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 KILL_HOOK = '''\
 """Test hook: SIGKILL this rank just before it commits checkpoint step DFT_TEST_KILL_AT_STEP."""
 import os
@@ -41,36 +43,6 @@ if _step:
 '''
 
 
-def _cluster_problem() -> str | None:
-    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
-        return "Slurm client not installed (sinfo/sbatch missing); run .ci/start_slurm"
-    try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=20)
-    except subprocess.TimeoutExpired:
-        return "sinfo timed out: slurmctld is not answering"
-    if out.returncode != 0:
-        return f"local Slurm cluster is not up (sinfo: {out.stderr.strip()[:200]}); run .ci/start_slurm"
-    usable = {line.split()[0] for line in out.stdout.splitlines()
-              if len(line.split()) == 2 and line.split()[1].rstrip("*~#") in ("idle", "mix", "alloc", "comp")}
-    if len(usable) < 2:
-        return f"the local Slurm cluster needs 2 usable nodes, sinfo shows: {out.stdout.strip() or 'none'}"
-    return None
-
-
-_PROBLEM = _cluster_problem()
-if _PROBLEM:
-    pytestmark = [pytest.mark.slurm, pytest.mark.skip(reason=_PROBLEM)]
-
-_SUBMITTED: list[str] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cancel_leftovers():
-    yield
-    for job in _SUBMITTED:  # only the jobs this module submitted
-        subprocess.run(["scancel", job], capture_output=True, timeout=30)
-
-
 def _env(extra: dict | None = None) -> dict:
     env = {**os.environ, "DFT_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("SLURM_JOB_ID", None)
@@ -82,28 +54,11 @@ def sbatch(args: list[str], env: dict | None = None) -> str:
     for arg in args:  # sbatch does not create the folder of --output
         if arg.startswith("--output="):
             Path(arg.split("=", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["sbatch", "--parsable", f"--chdir={REPO}", *args], capture_output=True, text=True,
-                          env=_env(env), timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    job = proc.stdout.strip().split(";")[0]
-    _SUBMITTED.append(job)
-    return job
-
-
-def job_info(job: str) -> dict:
-    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
+    return submit(args, _env(env))
 
 
 def wait_for(job: str, timeout: float = 300, min_restarts: int = 0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = job_info(job)
-        if info.get("JobState") in TERMINAL and int(info.get("Restarts", 0)) >= min_restarts:
-            return info
-        time.sleep(2)
-    subprocess.run(["scancel", job], capture_output=True, timeout=30)
-    pytest.fail(f"job {job} did not finish in {timeout}s: {job_info(job)}")
+    return wait_for_job(job, timeout, min_restarts)
 
 
 def metrics(out: Path) -> list[dict]:
