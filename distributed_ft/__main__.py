@@ -1,5 +1,3 @@
-import sys
+from distributed_ft.cli import run
 
-from distributed_ft.cli import main
-
-sys.exit(main())
+run()

@@ -83,5 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """Process entry point of `dft` and `python -m distributed_ft`."""
+    from distributed_ft.engine.process_exit import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

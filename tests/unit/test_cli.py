@@ -97,3 +97,23 @@ def test_existing_run_dir_is_not_clobbered(tmp_path, capsys):
     assert main(["train", str(base_config(tmp_path))]) != 0
     assert "resume_from" in capsys.readouterr().err
     assert (tmp_path / "run" / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_process_entry_flushes_output_and_keeps_the_exit_code(tmp_path, world_size):
+    """A launched rank leaves through os._exit; what it printed into a pipe and its exit code must survive that."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WORLD_SIZE": world_size}
+    ok = subprocess.run([sys.executable, "-m", "distributed_ft", "strategies"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert {line.split()[0] for line in ok.stdout.splitlines() if line.strip()} >= {"full", "lora", "prompt"}
+
+    bad = base_config(tmp_path, training__max_steps=-1)
+    failed = subprocess.run([sys.executable, "-m", "distributed_ft", "config", "validate", str(bad)], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 2
+    assert "max_steps" in failed.stderr

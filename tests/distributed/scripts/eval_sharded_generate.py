@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from eval_tiny_llama import PROMPTS, REFERENCES, build_tiny_llama  # noqa: E402
+from distributed_ft.engine.process_exit import exit_process
 
 
 def main() -> None:
@@ -87,3 +88,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

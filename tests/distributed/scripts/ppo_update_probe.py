@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
+from distributed_ft.engine.process_exit import exit_process
 
 
 def main() -> None:
@@ -56,3 +57,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

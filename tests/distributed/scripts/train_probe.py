@@ -9,6 +9,7 @@ import sys
 import torch
 
 from distributed_ft.train import TrainingRun
+from distributed_ft.engine.process_exit import exit_process
 
 PROBE = [[5, 17, 42, 9, 33, 2, 11, 27], [8, 3, 3, 60, 14, 19, 7, 1]]
 
@@ -29,3 +30,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)
