@@ -83,6 +83,10 @@ def _check_cross_fields(config, strategy, source: str) -> None:
         config.eval.check_task_types({spec.task_name: eval_type for spec in config.data.train})
     except DftError as err:
         raise ConfigError(f"{source}: eval.metrics: {err}") from None
+    method = getattr(config.strategy, "method", None)
+    if config.data.packing and method in ("prefix_tuning", "prompt_tuning"):
+        raise ConfigError(f"{source}: data.packing cannot be used with additive method '{method}': its virtual "
+                          "tokens drop the position_ids that keep packed examples apart; turn packing off")
     if config.model.dtype == "fp16" and training.mixed_precision == "bf16":
         raise ConfigError(f"{source}: model.dtype fp16 with training.mixed_precision bf16 mixes precisions; pick one")
 

@@ -40,3 +40,16 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
             position_ids[row, :len(positions)] = torch.tensor(list(positions), dtype=torch.long)
         batch["position_ids"] = position_ids
     return batch
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
+    """The forward arguments for a collated training batch.
+
+    A packed batch (position_ids present) goes without the 2D padding mask and without a cache: transformers
+    then reads the example boundaries from position_ids and keeps each packed example from attending to the
+    others (block-causal attention). Right padding needs no mask under causal attention: no real token sees it,
+    and its labels are ignored.
+    """
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from distributed_ft.data import collate
+from distributed_ft.data.collate import model_inputs
 from distributed_ft.engine.checkpoint import CheckpointManager, resolve_resume
 from distributed_ft.engine.distributed import uses_deepspeed
 from distributed_ft.engine.logging import logger
@@ -135,10 +136,7 @@ class Trainer:
         return stats, grad_norm
 
     def _forward(self, batch: dict) -> torch.Tensor:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if "position_ids" in batch:
-            inputs["position_ids"] = batch["position_ids"]
-        logits = self.model(**inputs).logits
+        logits = self.model(**model_inputs(batch)).logits
         return per_example_loss(logits, batch["labels"], self.task)
 
     def _log(self, step, loss, lr, stats, n_tasks, grad_norm, tokens_per_s) -> None:

@@ -75,6 +75,15 @@ def test_prompt_strategy_with_training_steps_is_refused(tmp_path):
     assert "prompt" in message and "max_steps" in message
 
 
+
+@pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning"])
+def test_packing_with_virtual_token_methods_is_refused(tmp_path, method):
+    data = {**BASE, "data": {**BASE["data"], "packing": True}, "strategy": {"name": "additive", "method": method}}
+    message = error_of(tmp_path, data)
+    assert "data.packing" in message and method in message
+    ia3 = {**data, "strategy": {"name": "additive", "method": "ia3"}}
+    assert load_config(write(tmp_path, ia3, "ia3.yaml")).data.packing  # methods that keep positions may pack
+
 def test_model_needs_exactly_one_source(tmp_path):
     message = error_of(tmp_path, {**BASE, "model": {"builtin": "tiny", "name_or_path": "gpt2"}})
     assert "name_or_path" in message and "builtin" in message

@@ -253,6 +253,33 @@ def test_packing_concatenates_whole_examples_and_resets_positions(tok):
                    task_type="sequence_classification", seed=0)
 
 
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_examples_do_not_attend_to_each_other(tok, attention):
+    """Each packed example gets the logits it gets alone, whatever precedes it in its row, padding included."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distributed_ft.data.collate import model_inputs
+
+    cfg = data_cfg(train=[{"builtin": "copy", "num_examples": 12}], max_length=64)
+    plain = build_data(cfg, tok, task_type="causal_lm", seed=3)
+    packed = build_data(cfg.model_copy(update={"packing": True}), tok, task_type="causal_lm", seed=3)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                         attn_implementation=attention)).train()
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([ex["input_ids"]])).logits[0] for ex in plain.train]
+        batch = collate(packed.train[:3], tok.pad_token_id)  # rows of different lengths: right padding
+        logits = model(**model_inputs(batch)).logits
+    checked = 0
+    for row, ex in enumerate(packed.train[:3]):
+        starts = [i for i, pos in enumerate(ex["position_ids"]) if pos == 0] + [len(ex["input_ids"])]
+        for begin, end in zip(starts, starts[1:]):
+            torch.testing.assert_close(logits[row, begin:end], alone[checked], atol=1e-5, rtol=1e-4)
+            checked += 1
+    assert checked > 3 and len({len(ex["input_ids"]) for ex in packed.train[:3]}) > 1
+
 def test_collate_right_pads_with_masks(tok):
     examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "task_id": 0},
                 {"input_ids": [8], "labels": [8], "task_id": 1}]
