@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from distributed_ft.data import collate
-from distributed_ft.data.collate import model_inputs
+from distributed_ft.data.collate import collate, model_inputs
 from distributed_ft.engine.checkpoint import CheckpointManager, resolve_resume
 from distributed_ft.engine.distributed import uses_deepspeed
 from distributed_ft.engine.logging import logger
