@@ -1,5 +1,6 @@
 """Shared pieces of the training benchmarks: a seeded Llama folder with a word-level tokenizer,
-fixed-length synthetic text rows, peak-memory readings, machine load and result files.
+fixed-length synthetic text rows, peak-memory readings, machine load, result files, and the `--smoke`
+mode every benchmark has (`parse_args`, `Sanity`, `exit_status`).
 
 Every synthetic word is one token of the word-level tokenizer and the tokenizer adds no special
 tokens, so a text of at least N words truncated to N tokens is exactly the first N word ids: the
@@ -8,12 +9,15 @@ process identical token counts.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import random
 import resource
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,6 +27,9 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 # The throughput model: ~4.2M parameters, fp32.
 SMALL_LLAMA = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, vocab_size=2000)
+# The --smoke model: ~0.15M parameters, for checking that code paths run, never for timing.
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=500)
 
 
 def word(i: int) -> str:
@@ -121,18 +128,21 @@ def versions() -> dict:
 
     out = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
            "accelerate": accelerate.__version__}
-    for name in ("trl", "deepspeed"):
+    for name in ("trl", "deepspeed"):  # read from the installed metadata: importing them takes seconds
         try:
-            out[name] = __import__(name).__version__
-        except Exception:  # not installed, or fails to import on this machine
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             out[name] = None
     return out
 
 
-def write_results(name: str, payload: dict) -> Path:
+def write_results(name: str, payload: dict, smoke: bool = False) -> Path:
+    """Write `payload` to bench/results/<name>-<UTC time>.json (<name>-smoke-... for a smoke run, whose
+    figures say nothing about speed); the payload records `smoke` either way."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    stem = f"{name}-smoke" if smoke else name
+    path = RESULTS / f"{stem}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.json"
+    path.write_text(json.dumps({"smoke": smoke, **payload}, indent=2) + "\n")
     return path
 
 
@@ -142,3 +152,66 @@ def median(values: list[float]) -> float:
     if not n:
         raise ValueError("median of nothing")
     return values[n // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2])
+
+
+# ---- --smoke: every code path at tiny sizes, in seconds ---------------------------------------------------
+
+SMOKE_HELP = ("smoke test: tiny sizes (small model, 1-2 steps or requests, 1 round) through every variant; fails "
+              "if a variant crashes or produces nonsense, does not check the performance targets")
+
+
+def parse_args(parser: argparse.ArgumentParser, smoke: dict) -> argparse.Namespace:
+    """Add `--smoke` to `parser` and parse; with `--smoke` the defaults become `smoke` (the tiny sizes),
+    while options given explicitly on the command line still win."""
+    parser.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
+    args = parser.parse_args()
+    if args.smoke:
+        unknown = sorted(set(smoke) - set(vars(args)))
+        if unknown:
+            raise ValueError(f"smoke defaults for unknown options: {unknown}")
+        parser.set_defaults(**smoke)
+        args = parser.parse_args()
+    return args
+
+
+class Sanity:
+    """Checks that every run produced meaningful output (it ran its steps, finite losses, tokens or samples
+    actually produced, rates above zero). Enforced in full and smoke runs alike: unlike the performance
+    targets they do not depend on the sizes."""
+
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+
+    def check(self, ok: bool, what: str) -> bool:
+        if not ok:
+            self.failures.append(what)
+        return bool(ok)
+
+    def finite(self, what: str, value, *, positive: bool = False) -> bool:
+        """`value` is a finite number (and > 0 with `positive`)."""
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+              and (value > 0 or not positive))
+        return self.check(ok, f"{what} = {value!r}, expected a finite{' positive' if positive else ''} number")
+
+    def all_finite(self, what: str, values) -> bool:
+        values = list(values) if values is not None else []
+        bad = [v for v in values if not (isinstance(v, (int, float)) and math.isfinite(v))]
+        return self.check(bool(values) and not bad, f"{what}: expected finite numbers, got "
+                                                    f"{values[:8]!r}{' ...' if len(values) > 8 else ''}")
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def exit_status(sanity: Sanity, targets_met: bool, smoke: bool) -> int:
+    """The benchmark's exit status: 1 when a sanity check failed; otherwise 0 in a smoke run (its sizes say
+    nothing about speed, so the targets are not checked), else 0 exactly when the targets are met."""
+    for failure in sanity.failures:
+        print(f"FAILED: {failure}", file=sys.stderr)
+    if not sanity.ok:
+        return 1
+    if smoke:
+        print("smoke run: every variant ran and produced sane output (performance targets not checked)")
+        return 0
+    return 0 if targets_met else 1

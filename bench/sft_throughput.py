@@ -1,10 +1,11 @@
 """Training throughput of the engine against TRL's SFTTrainer and a plain PyTorch loop, same model and data.
 
     python bench/sft_throughput.py [--steps 10] [--warmup 3] [--rounds 2] [--threads 2]
+    python bench/sft_throughput.py --smoke      # every variant once at tiny sizes; targets not checked
 
 Builds a randomly initialised 4.2M-parameter fp32 Llama (hidden 256, 4 layers, vocab 2000) and rows of
 exactly 256 tokens, then trains batch 16 x 256 with AdamW through
-  engine:   TrainingRun(config).build().train(), one process, the path of `dft train`, its defaults;
+  engine:   SFTRun(config).build().train(), one process, the path of `dft train`, its defaults;
   trl:      trl.SFTTrainer on the pre-tokenised rows as a user runs it: use_cpu and SFTConfig's defaults for
             precision and memory (bf16 autocast, activation checkpointing), no eval, no saving, logging off;
   trl_fp32: the same SFTTrainer forced to the engine's computation (fp32, no activation checkpointing): a
@@ -14,7 +15,9 @@ Each variant runs in its own fresh process, one after the other, `--rounds` time
 throughput is 4096 tokens over its median step time after `--warmup` steps (start-up, model loading and
 data preparation excluded), and the reported figure is the median over rounds. Prints tokens/s, the ratios
 and the machine load; writes bench/results/sft_throughput-*.json.
-Exits 1 when engine < 1.5x trl or engine < 0.8x plain.
+Exits 1 when engine < 1.5x trl or engine < 0.8x plain, or when a run did not train sanely (fewer steps
+than asked, a non-finite loss). --smoke: a 0.15M-parameter Llama, batch 2 x 32, 1 warm-up + 1 timed step,
+1 round, through all four variants; only the sanity checks decide its exit status.
 """
 from __future__ import annotations
 
@@ -29,10 +32,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (REPO, SMALL_LLAMA, build_llama, count_llama_parameters, machine_load, median,  # noqa: E402
-                          synthetic_rows, versions, write_results, write_text_jsonl)
+from bench.common import (REPO, SMALL_LLAMA, TINY_LLAMA, Sanity, build_llama, count_llama_parameters,  # noqa: E402
+                          exit_status, machine_load, median, parse_args, synthetic_rows, versions, write_results,
+                          write_text_jsonl)
 
-BATCH, SEQ_LEN, LR = 16, 256, 1e-4
+BATCH, SEQ_LEN, LR = 16, 256, 1e-4  # the benchmark's batch (--batch-size) and row length (--seq-len)
+SMOKE = {"steps": 1, "warmup": 1, "rounds": 1, "rows": 8, "batch_size": 2, "seq_len": 32, "threads": 1,
+         "timeout": 300}
 VARIANTS = ("engine", "trl", "trl_fp32", "plain")
 TARGETS = {"trl": 1.5, "plain": 0.8}  # engine tokens/s must reach this multiple of each
 ROW_MARK = "SFT_BENCH_RESULT "
@@ -46,35 +52,35 @@ def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_engine(work: Path, steps: int, threads: int) -> dict:
+def run_engine(work: Path, steps: int, threads: int, batch: int, seq_len: int) -> dict:
     import yaml
 
-    from distributed_ft.train import TrainingRun
+    from distributed_ft.recipes.sft import SFTRun
 
     _set_threads(threads)
     stamps: list[float] = []
     config = {
         "model": {"name_or_path": str(work / "model")},
-        "data": {"train": [{"path": str(work / "train.jsonl"), "format": "text"}], "max_length": SEQ_LEN,
+        "data": {"train": [{"path": str(work / "train.jsonl"), "format": "text"}], "max_length": seq_len,
                  "loss_on": "all"},
         "strategy": {"name": "full"},
-        "training": {"max_steps": steps, "micro_batch_size": BATCH, "learning_rate": LR, "optimizer": "adamw",
+        "training": {"max_steps": steps, "micro_batch_size": batch, "learning_rate": LR, "optimizer": "adamw",
                      "lr_scheduler": "constant", "warmup_steps": 0},
         "logging": {"log_every": 10 ** 6, "progress_bar": False},
         "eval": {"enabled": False},
         "output": {"dir": str(work / "engine-run"), "overwrite": True},
     }
     (work / "engine.yaml").write_text(yaml.safe_dump(config))
-    run = TrainingRun(str(work / "engine.yaml")).build()
+    run = SFTRun(str(work / "engine.yaml")).build()
     lengths = {len(ex["input_ids"]) for ex in run.data.train}
-    if lengths != {SEQ_LEN}:
-        raise SystemExit(f"engine rows are not all {SEQ_LEN} tokens: lengths {sorted(lengths)[:5]}")
+    if lengths != {seq_len}:
+        raise SystemExit(f"engine rows are not all {seq_len} tokens: lengths {sorted(lengths)[:5]}")
     run.prepare()
     engine_on_step = run.trainer.on_step
 
-    def on_step(step, model):  # the time each step ended, after everything the engine does per step
+    def on_step(step):  # the time each step ended, after everything the engine does per step
         if engine_on_step is not None:
-            engine_on_step(step, model)
+            engine_on_step(step)
         stamps.append(time.perf_counter())
 
     run.trainer.on_step = on_step
@@ -83,11 +89,10 @@ def run_engine(work: Path, steps: int, threads: int) -> dict:
         result = run.train()
     finally:
         run.close()
-    return {"start": start, "stamps": stamps, "tokens_per_step": BATCH * SEQ_LEN,
-            "first_loss": result.losses[0], "last_loss": result.losses[-1]}
+    return {"start": start, "stamps": stamps, "tokens_per_step": batch * seq_len, "losses": result.losses}
 
 
-def run_trl(work: Path, steps: int, threads: int, fp32: bool = False) -> dict:
+def run_trl(work: Path, steps: int, threads: int, batch: int, seq_len: int, fp32: bool = False) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -102,9 +107,9 @@ def run_trl(work: Path, steps: int, threads: int, fp32: bool = False) -> dict:
     rows = json.loads((work / "rows.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(work / "model")
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
-    args = SFTConfig(output_dir=str(work / "trl-run"), per_device_train_batch_size=BATCH, max_steps=steps,
+    args = SFTConfig(output_dir=str(work / "trl-run"), per_device_train_batch_size=batch, max_steps=steps,
                      learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
-                     weight_decay=0.0, max_grad_norm=1.0, max_length=SEQ_LEN, packing=False, use_cpu=True,
+                     weight_decay=0.0, max_grad_norm=1.0, max_length=seq_len, packing=False, use_cpu=True,
                      # SFTConfig's defaults are bf16 autocast and activation checkpointing; trl_fp32 turns
                      # them off to run the engine's computation.
                      **({"bf16": False, "fp16": False, "activation_checkpointing": False} if fp32 else {}),
@@ -113,17 +118,17 @@ def run_trl(work: Path, steps: int, threads: int, fp32: bool = False) -> dict:
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": rows}),
                          processing_class=tokenizer, callbacks=[Stamp()])
     lengths = {len(ids) for ids in trainer.train_dataset["input_ids"]}
-    if lengths != {SEQ_LEN}:
-        raise SystemExit(f"TRL rows are not all {SEQ_LEN} tokens: lengths {sorted(lengths)[:5]}")
+    if lengths != {seq_len}:
+        raise SystemExit(f"TRL rows are not all {seq_len} tokens: lengths {sorted(lengths)[:5]}")
     start = time.perf_counter()
     out = trainer.train()
     # TRL counts the tokens it trained on; they must equal the engine's.
-    if trainer._total_train_tokens != steps * BATCH * SEQ_LEN:
-        raise SystemExit(f"TRL trained {trainer._total_train_tokens} tokens, expected {steps * BATCH * SEQ_LEN}")
-    return {"start": start, "stamps": stamps, "tokens_per_step": BATCH * SEQ_LEN, "train_loss": out.training_loss}
+    if trainer._total_train_tokens != steps * batch * seq_len:
+        raise SystemExit(f"TRL trained {trainer._total_train_tokens} tokens, expected {steps * batch * seq_len}")
+    return {"start": start, "stamps": stamps, "tokens_per_step": batch * seq_len, "losses": [out.training_loss]}
 
 
-def run_plain(work: Path, steps: int, threads: int) -> dict:
+def run_plain(work: Path, steps: int, threads: int, batch: int, seq_len: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -137,19 +142,18 @@ def run_plain(work: Path, steps: int, threads: int) -> dict:
     stamps, losses = [], []
     start = time.perf_counter()
     for _ in range(steps):
-        batch = rows[torch.randint(len(rows), (BATCH,), generator=generator)]
-        loss = model(input_ids=batch, labels=batch).loss
+        ids = rows[torch.randint(len(rows), (batch,), generator=generator)]
+        loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         stamps.append(time.perf_counter())
-    return {"start": start, "stamps": stamps, "tokens_per_step": BATCH * SEQ_LEN,
-            "first_loss": losses[0], "last_loss": losses[-1]}
+    return {"start": start, "stamps": stamps, "tokens_per_step": batch * seq_len, "losses": losses}
 
 
-def run_trl_fp32(work: Path, steps: int, threads: int) -> dict:
-    return run_trl(work, steps, threads, fp32=True)
+def run_trl_fp32(work: Path, steps: int, threads: int, batch: int, seq_len: int) -> dict:
+    return run_trl(work, steps, threads, batch, seq_len, fp32=True)
 
 
 WORKERS = {"engine": run_engine, "trl": run_trl, "plain": run_plain, "trl_fp32": run_trl_fp32}
@@ -164,8 +168,18 @@ def steady_state(result: dict, warmup: int) -> dict:
     if not intervals:
         raise SystemExit("no steps left after warm-up; raise --steps")
     tokens = result["tokens_per_step"]
-    return {"steps_timed": len(intervals), "median_step_s": median(intervals),
-            "tokens_per_s": tokens / median(intervals), "tokens_per_s_mean": tokens * len(intervals) / sum(intervals)}
+    return {"steps_run": len(result["stamps"]), "steps_timed": len(intervals), "median_step_s": median(intervals),
+            "tokens_per_s": tokens / median(intervals), "tokens_per_s_mean": tokens * len(intervals) / sum(intervals),
+            "losses": result["losses"]}
+
+
+def check_run(sanity: Sanity, variant: str, measured: dict, args) -> None:
+    """A run must have trained every step it was asked for, with finite losses and a positive rate."""
+    name = f"{variant} round {measured['round']}"
+    sanity.check(measured["steps_run"] == args.warmup + args.steps,
+                 f"{name}: {measured['steps_run']} steps ran, expected {args.warmup + args.steps}")
+    sanity.all_finite(f"{name}: losses", measured["losses"])
+    sanity.finite(f"{name}: tokens/s", measured["tokens_per_s"], positive=True)
 
 
 def launch_worker(variant: str, work: Path, args) -> dict:
@@ -174,7 +188,8 @@ def launch_worker(variant: str, work: Path, args) -> dict:
     for key in ("ACCELERATE_USE_DEEPSPEED", "WORLD_SIZE", "LOCAL_RANK", "RANK"):
         env.pop(key, None)  # one plain process, whatever the calling shell holds
     cmd = [sys.executable, __file__, "--worker", variant, "--work", str(work),
-           "--steps", str(args.warmup + args.steps), "--threads", str(args.threads)]
+           "--steps", str(args.warmup + args.steps), "--threads", str(args.threads),
+           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(ROW_MARK)]
     if proc.returncode != 0 or not lines:
@@ -190,28 +205,34 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="runs of each variant, alternating")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads per run")
     parser.add_argument("--rows", type=int, default=256, help="distinct training rows")
+    parser.add_argument("--batch-size", type=int, default=BATCH, help="rows per optimizer step")
+    parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="tokens per row")
     parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per run")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE)
 
     if args.worker:
-        result = WORKERS[args.worker](args.work, args.steps, args.threads)
+        result = WORKERS[args.worker](args.work, args.steps, args.threads, args.batch_size, args.seq_len)
         print(ROW_MARK + json.dumps(result), flush=True)
         return 0
 
+    arch = TINY_LLAMA if args.smoke else SMALL_LLAMA
+    tokens_per_step = args.batch_size * args.seq_len
+    sanity = Sanity()
     load_before = machine_load()
     with tempfile.TemporaryDirectory(prefix="dft-sft-bench-") as tmp:
         work = Path(tmp)
-        build_llama(work / "model", max_position_embeddings=SEQ_LEN * 2, **SMALL_LLAMA)
-        rows = synthetic_rows(args.rows, SEQ_LEN, SMALL_LLAMA["vocab_size"])
+        build_llama(work / "model", max_position_embeddings=args.seq_len * 2, **arch)
+        rows = synthetic_rows(args.rows, args.seq_len, arch["vocab_size"])
         (work / "rows.json").write_text(json.dumps(rows))
         write_text_jsonl(work / "train.jsonl", rows)
         runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
         for r in range(args.rounds):
             order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]  # alternate so drift in load hits all alike
             for variant in order:
-                measured = steady_state(launch_worker(variant, work, args), args.warmup)
+                measured = {"round": r + 1, **steady_state(launch_worker(variant, work, args), args.warmup)}
+                check_run(sanity, variant, measured, args)
                 runs[variant].append(measured)
                 print(f"round {r + 1} {variant:>8}: {measured['tokens_per_s']:9.0f} tokens/s "
                       f"(median step {measured['median_step_s'] * 1000:.0f} ms)", flush=True)
@@ -220,26 +241,29 @@ def main() -> int:
     tps = {v: median([m["tokens_per_s"] for m in measured]) for v, measured in runs.items()}
     ratios = {f"engine/{v}": tps["engine"] / tps[v] for v in tps if v != "engine"}
     ok = {f"engine/{v}": ratios[f"engine/{v}"] >= target for v, target in TARGETS.items()}
-    params = count_llama_parameters(**SMALL_LLAMA)
-    print(f"\nmodel {params / 1e6:.2f}M parameters fp32, batch {BATCH} x {SEQ_LEN} tokens, AdamW, "
+    params = count_llama_parameters(**arch)
+    print(f"\n{'SMOKE RUN (tiny sizes, targets not checked): ' if args.smoke else ''}"
+          f"model {params / 1e6:.2f}M parameters fp32, batch {args.batch_size} x {args.seq_len} tokens, AdamW, "
           f"{args.threads} threads, {args.steps} timed steps after {args.warmup} warm-up, median of {args.rounds}")
     for v in tps:
         print(f"  {v:>8}: {tps[v]:9.0f} tokens/s")
     for v, target in TARGETS.items():
         name = f"engine/{v}"
-        print(f"  {name:>12}: {ratios[name]:.2f}x  (target >= {target}x: {'ok' if ok[name] else 'MISSED'})")
+        verdict = "not checked in a smoke run" if args.smoke else ("ok" if ok[name] else "MISSED")
+        print(f"  {name:>12}: {ratios[name]:.2f}x  (target >= {target}x: {verdict})")
     print(f"  engine/trl_fp32: {ratios['engine/trl_fp32']:.2f}x  (TRL forced to fp32 without activation "
           f"checkpointing: like for like, no target)")
     print(f"  load average (1m) {load_before['loadavg_1m']} before, {load_after['loadavg_1m']} after, "
           f"{load_after['cpus']} cpus")
     path = write_results("sft_throughput", {
-        "model": {**SMALL_LLAMA, "parameters": params, "dtype": "fp32"},
-        "batch_size": BATCH, "seq_len": SEQ_LEN, "threads": args.threads, "steps": args.steps,
+        "model": {**arch, "parameters": params, "dtype": "fp32"},
+        "batch_size": args.batch_size, "seq_len": args.seq_len, "tokens_per_step": tokens_per_step,
+        "threads": args.threads, "steps": args.steps,
         "warmup": args.warmup, "rounds": args.rounds, "tokens_per_s": tps, "ratios": ratios,
         "targets": TARGETS, "targets_met": ok, "runs": runs, "load_before": load_before,
-        "load_after": load_after, "versions": versions()})
+        "load_after": load_after, "sanity_failures": sanity.failures, "versions": versions()}, smoke=args.smoke)
     print(f"  results: {path.relative_to(REPO)}")
-    return 0 if all(ok.values()) else 1
+    return exit_status(sanity, all(ok.values()), args.smoke)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Peak memory per rank of DDP, ZeRO-2 and ZeRO-3 (2 CPU ranks) training a ~100M-parameter Llama.
 
     python bench/zero_memory.py [--steps 3] [--micro-batch 2] [--seq-len 32] [--modes ddp,zero2,zero3]
+    python bench/zero_memory.py --smoke         # ddp, zero2, zero3 at tiny sizes; the ZeRO-3 target not checked
 
 Builds a randomly initialised fp32 Llama (hidden 768, 12 layers, vocab 8000: 97M parameters), then for
-each mode runs a few full fine-tuning steps through TrainingRun under
+each mode runs a few full fine-tuning steps through SFTRun under
 `accelerate launch --config_file launch/{ddp,zero2,zero3}_cpu.yaml` (gloo; DS_ACCELERATOR=cpu; one
 OpenMP thread per rank). Every rank writes:
   peak RSS (ru_maxrss) after imports, after build(), after prepare() and after train(), and the
@@ -14,7 +15,11 @@ OpenMP thread per rank). Every rank writes:
   and AdamW state; each tensor storage is counted once.
 Prints these next to the theoretical model states per rank, with 16 bytes per fp32 Adam parameter
 (4 param + 4 grad + 8 Adam): DDP 16P, ZeRO-2 4P + 12P/N, ZeRO-3 16P/N. Writes
-bench/results/zero_memory-*.json. Exits 1 unless ZeRO-3 holds at most 0.7x DDP's model states per rank.
+bench/results/zero_memory-*.json. Exits 1 unless ZeRO-3 holds at most 0.7x DDP's model states per rank, or
+when a rank did not train sanely (not the mode asked for, fewer steps, a non-finite loss, no model states).
+--smoke: a 0.15M-parameter Llama, 1 step of micro batch 1 x 16 tokens, modes ddp, zero2 and zero3 (the
+zero3_release config is written and read back, not launched: add it with --modes); only the sanity checks
+decide its exit status.
 Optional: mode zero3_release (ZeRO-3 releasing gathered parameters right after use) and
 --malloc-mmap-threshold (a fixed glibc mmap threshold in the ranks); see bench/README.md.
 """
@@ -31,8 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (REPO, build_llama, count_llama_parameters, current_rss_bytes, machine_load,  # noqa: E402
-                          peak_rss_bytes, synthetic_rows, versions, write_results, write_text_jsonl)
+from bench.common import (REPO, TINY_LLAMA, Sanity, build_llama, count_llama_parameters,  # noqa: E402
+                          current_rss_bytes, exit_status, machine_load, parse_args, peak_rss_bytes, synthetic_rows,
+                          versions, write_results, write_text_jsonl)
 
 # ~100M parameters: 12 x 7.08M in the blocks + 2 x 6.1M untied embeddings.
 MEDIUM_LLAMA = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
@@ -44,6 +50,8 @@ ZERO3_RELEASE = {"stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0
 MODES = (*LAUNCH, "zero3_release")
 ZERO3_LIMIT = 0.7  # ZeRO-3 model states per rank must be at most this fraction of DDP's
 GiB = 1024 ** 3
+SMOKE = {"steps": 1, "micro_batch": 1, "seq_len": 16, "modes": ",".join(LAUNCH), "timeout": 300}
+ZERO_STAGE = {"ddp": None, "zero2": 2, "zero3": 3, "zero3_release": 3}  # what each mode must run
 
 
 def theoretical_bytes(mode: str, params: int, world: int) -> dict:
@@ -99,7 +107,7 @@ class StateMeter:
                     self._add("optimizer", value)
         self.rss = current_rss_bytes()
 
-    def step_done(self, step, model) -> None:
+    def step_done(self, step) -> None:
         sizes = dict.fromkeys(self.KINDS, 0)
         for kind, nbytes in self.storages.values():
             sizes[kind] += nbytes
@@ -112,10 +120,10 @@ def rank_worker(config: str, out_dir: Path) -> None:
 
     import torch
 
-    from distributed_ft.train import TrainingRun
+    from distributed_ft.recipes.sft import SFTRun
 
     rss_imports = peak_rss_bytes()
-    run = TrainingRun(config).build()
+    run = SFTRun(config).build()
     rss_build = peak_rss_bytes()
     run.prepare()
     rss_prepare = peak_rss_bytes()
@@ -129,10 +137,10 @@ def rank_worker(config: str, out_dir: Path) -> None:
     inner.register_step_post_hook(meter)
     engine_on_step = run.trainer.on_step
 
-    def on_step(step, model):
-        meter.step_done(step, model)
+    def on_step(step):
+        meter.step_done(step)
         if engine_on_step is not None:
-            engine_on_step(step, model)
+            engine_on_step(step)
 
     run.trainer.on_step = on_step
     started = time.perf_counter()
@@ -156,6 +164,15 @@ def rank_worker(config: str, out_dir: Path) -> None:
 
 
 # ---- orchestration ------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    """A TCP port free on this host now: a fixed one can collide with other launches on a shared machine."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 
 def launch_config(mode: str, work: Path) -> str:
     """The accelerate config file of a mode; zero3_release is written from the zero3 files into `work`."""
@@ -198,7 +215,7 @@ def run_mode(mode: str, work: Path, args) -> list[dict]:
 
     (work / f"run-{mode}.yaml").write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch_config(mode, work),
-           "--main_process_port", str(args.port), __file__, "--rank-worker", str(work / f"run-{mode}.yaml"),
+           "--main_process_port", str(args.port or free_port()), __file__, "--rank-worker", str(work / f"run-{mode}.yaml"),
            "--out", str(out)]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -213,6 +230,20 @@ def run_mode(mode: str, work: Path, args) -> list[dict]:
     return rows
 
 
+def check_rank(sanity: Sanity, mode: str, row: dict, steps: int) -> None:
+    """A rank must have run its mode for every step asked, with finite losses and model states measured."""
+    name = f"{mode} rank {row['rank']}"
+    sanity.check(row["world_size"] == 2, f"{name}: world size {row['world_size']}, expected 2")
+    sanity.check(row["zero_stage"] == ZERO_STAGE[mode],
+                 f"{name}: ZeRO stage {row['zero_stage']} ({row['distributed_type']}), expected {ZERO_STAGE[mode]}")
+    sanity.check(len(row["losses"]) == steps, f"{name}: {len(row['losses'])} steps ran, expected {steps}")
+    sanity.all_finite(f"{name}: losses", row["losses"])
+    states = row["model_states"] or {}
+    sanity.finite(f"{name}: model-state bytes", states.get("total"), positive=True)
+    sanity.check(0 < row["local_parameters"] <= row["total_parameters"],
+                 f"{name}: {row['local_parameters']} local of {row['total_parameters']} parameters")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per mode")
@@ -224,35 +255,49 @@ def main() -> int:
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                         help="set MALLOC_MMAP_THRESHOLD_ in the ranks (e.g. 131072), so peak RSS counts live "
                              "memory rather than freed blocks glibc keeps")
-    parser.add_argument("--port", type=int, default=29617, help="rendezvous port of the launches")
+    parser.add_argument("--port", type=int, default=0, help="rendezvous port of the launches (default: a free one "
+                                                             "per launch)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per launch")
     parser.add_argument("--rank-worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE)
 
     if args.rank_worker:
         rank_worker(args.rank_worker, args.out)
         return 0
 
+    import yaml
+
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         parser.error(f"unknown mode {unknown[0]} (valid: {', '.join(MODES)})")
-    n_params = count_llama_parameters(**MEDIUM_LLAMA)
+    arch = TINY_LLAMA if args.smoke else MEDIUM_LLAMA
+    n_params = count_llama_parameters(**arch)
+    sanity = Sanity()
     load_before = machine_load()
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="dft-zero-bench-") as tmp:
         work = Path(tmp)
-        build_llama(work / "model", max_position_embeddings=max(64, args.seq_len), **MEDIUM_LLAMA)
-        rows = synthetic_rows(64, args.seq_len, MEDIUM_LLAMA["vocab_size"])
+        build_llama(work / "model", max_position_embeddings=max(64, args.seq_len), **arch)
+        rows = synthetic_rows(64, args.seq_len, arch["vocab_size"])
         write_text_jsonl(work / "train.jsonl", rows)
+        if args.smoke and "zero3_release" not in modes:  # its config is derived from the shipped files: check it
+            release = yaml.safe_load(Path(launch_config("zero3_release", work)).read_text())
+            ds_file = Path(release["deepspeed_config"]["deepspeed_config_file"])
+            zero = json.loads(ds_file.read_text())["zero_optimization"]
+            sanity.check(zero["stage"] == 3 and all(zero[k] == v for k, v in ZERO3_RELEASE.items()),
+                         f"zero3_release config {ds_file.name}: zero_optimization {zero}")
         for mode in modes:
             results[mode] = run_mode(mode, work, args)
+            for row in results[mode]:
+                check_rank(sanity, mode, row, args.steps)
             print(f"{mode}: done in {results[mode][0]['launch_wall_s']:.0f} s", flush=True)
     load_after = machine_load()
 
     world = 2
-    print(f"\nLlama {n_params / 1e6:.1f}M parameters fp32, AdamW, {world} CPU ranks, micro batch "
+    print(f"\n{'SMOKE RUN (tiny sizes, target not checked): ' if args.smoke else ''}"
+          f"Llama {n_params / 1e6:.2f}M parameters fp32, AdamW, {world} CPU ranks, micro batch "
           f"{args.micro_batch} x {args.seq_len} tokens, {args.steps} steps, 1 thread per rank, "
           f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'unset'}")
     print(f"{'mode':>13} {'rank':>4} {'peak RSS':>9} {'RSS-imports':>11} {'states held':>11} "
@@ -288,16 +333,18 @@ def main() -> int:
                   f"peak RSS {rss:.2f}x, peak RSS above imports {above:.2f}x")
         if "zero3" in summary:  # the pass condition is on the shipped configuration
             ok = summary["zero3"]["vs_ddp"]["model_states"] <= ZERO3_LIMIT
-            print(f"ZeRO-3 model states <= {ZERO3_LIMIT}x DDP: {'ok' if ok else 'MISSED'}")
+            verdict = "not checked in a smoke run" if args.smoke else ("ok" if ok else "MISSED")
+            print(f"ZeRO-3 model states <= {ZERO3_LIMIT}x DDP: {verdict}")
     print(f"load average (1m) {load_before['loadavg_1m']} before, {load_after['loadavg_1m']} after, "
           f"{load_after['cpus']} cpus")
     path = write_results("zero_memory", {
-        "model": {**MEDIUM_LLAMA, "parameters": n_params, "dtype": "fp32"}, "world_size": world,
+        "model": {**arch, "parameters": n_params, "dtype": "fp32"}, "world_size": world,
         "micro_batch": args.micro_batch, "seq_len": args.seq_len, "steps": args.steps,
         "malloc_mmap_threshold": args.malloc_mmap_threshold, "ranks": results,
-        "summary": summary, "load_before": load_before, "load_after": load_after, "versions": versions()})
+        "summary": summary, "load_before": load_before, "load_after": load_after,
+        "sanity_failures": sanity.failures, "versions": versions()}, smoke=args.smoke)
     print(f"results: {path.relative_to(REPO)}")
-    return 0 if ok else 1
+    return exit_status(sanity, ok, args.smoke)
 
 
 if __name__ == "__main__":

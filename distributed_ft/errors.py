@@ -15,3 +15,7 @@ class DataError(DftError):
 
 class ModelError(DftError):
     """A model or tokenizer cannot be loaded."""
+
+
+class EvalError(DftError):
+    """A metric, predictions file or evaluation record is invalid."""

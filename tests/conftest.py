@@ -22,6 +22,18 @@ def _quiet_environment(tmp_path_factory):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def in_ci() -> bool:
+    """CI sets CI=true: there the tiers it depends on (Slurm, the sandbox) must run, never skip silently."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def skip_or_fail_in_ci(reason: str) -> None:
+    """Skip a test whose tier is missing here, but fail it in CI."""
+    if in_ci():
+        pytest.fail(f"CI needs this tier, but {reason}")
+    pytest.skip(reason)
+
+
 def run_dft(*args, cwd=None, env=None, timeout=600):
     """Run `python -m distributed_ft ...` as a user would; returns the CompletedProcess."""
     full_env = {**os.environ, **(env or {})}

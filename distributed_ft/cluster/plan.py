@@ -235,6 +235,17 @@ def plan_for_run_config(config, gpus: int, gpu_memory_gb: float = 80.0) -> Plan:
                      optimizer=training.optimizer, checkpointing=config.model.gradient_checkpointing)
 
 
+def plan_as_dict(plan: Plan) -> dict:
+    """The plan as JSON data (`dft plan --json`)."""
+    from dataclasses import asdict
+
+    rows = [{"stage": r.option.stage, "offload": r.option.offload, "launch": r.option.launch,
+             **asdict(r.states), "states": r.states.total, "activations": r.activations,
+             "gpu_total": r.gpu_total, "fits": plan.fits(r)} for r in plan.rows]
+    return {"model": asdict(plan.shape), "gpus": plan.gpus, "gpu_memory_gb": plan.gpu_memory_gb,
+            "precision": plan.precision, "rows": rows, "recommended_launch": plan.recommended_launch()}
+
+
 def format_plan(plan: Plan) -> str:
     s = plan.shape
 

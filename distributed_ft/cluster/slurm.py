@@ -12,6 +12,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from distributed_ft.errors import ConfigError, DftError
 
@@ -74,11 +75,9 @@ def check_allocation(nodes: int, env: dict | None = None) -> None:
                           f"(SLURM_NNODES); request {allocated} or submit from outside the allocation")
 
 
-def validate(spec: JobSpec) -> str:
-    """Check the job's inputs; returns the launch config path. Every problem is one line."""
-    from distributed_ft.config import load_config
-    from distributed_ft.rl.config import load_ppo_config
-
+def validate(spec: JobSpec, check_config: Callable[[], object] | None = None) -> str:
+    """Check the job's inputs (the run config too, with `check_config`); returns the launch config path.
+    Every problem is one line."""
     min_nodes = 2 if spec.kind == "ppo" else 1  # PPO: trainer nodes plus one grader node
     if spec.nodes < min_nodes:
         raise ConfigError(f"--nodes must be at least {min_nodes} for a {spec.kind} job, got {spec.nodes}")
@@ -94,8 +93,8 @@ def validate(spec: JobSpec) -> str:
         raise ConfigError(f"--time '{spec.time}' is not a Slurm time (minutes, HH:MM:SS or D-HH:MM:SS)")
     if not Path(spec.config).is_file():
         raise ConfigError(f"config file not found: {spec.config}")
-    # A bad config fails here, not on the cluster.
-    (load_ppo_config if spec.kind == "ppo" else load_config)(spec.config, spec.overrides)
+    if check_config is not None:
+        check_config()
     launch = spec.launch or default_launch(spec.gpus_per_node)
     if not Path(launch).is_file():
         raise ConfigError(f"launch config not found: {launch}")
@@ -142,9 +141,9 @@ def _replace_block(text: str, name: str, body: str, source: Path) -> str:
     return pattern.sub(lambda m: m.group(1) + body + m.group(3), text, count=1)
 
 
-def render(spec: JobSpec) -> str:
+def render(spec: JobSpec, check_config: Callable[[], object] | None = None) -> str:
     """The sbatch script for `spec` as text."""
-    launch = validate(spec)
+    launch = validate(spec, check_config)
     source = template_path(spec.kind, spec.template)
     text = source.read_text()
     if spec.nodes > 1 and "--machine_rank" not in text:
@@ -154,9 +153,9 @@ def render(spec: JobSpec) -> str:
     return _replace_block(text, "run settings", _settings_block(spec, launch), source)
 
 
-def write(spec: JobSpec, out: str | None = None) -> Path:
+def write(spec: JobSpec, out: str | None = None, check_config: Callable[[], object] | None = None) -> Path:
     path = Path(out) if out else Path(spec.log_dir) / f"{_job_name(spec)}.sbatch"
-    text = render(spec)
+    text = render(spec, check_config)
     # sbatch does not create the folder of --output: without it the job fails before it starts.
     (Path(spec.workdir or Path.cwd()) / spec.log_dir).mkdir(parents=True, exist_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,9 +164,9 @@ def write(spec: JobSpec, out: str | None = None) -> Path:
     return path
 
 
-def submit(script: Path, sbatch_args: list[str] | None = None) -> str:
+def submit(script: Path) -> str:
     """Submit with sbatch; returns the job id."""
-    cmd = ["sbatch", "--parsable", *(sbatch_args or []), str(script)]
+    cmd = ["sbatch", "--parsable", str(script)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     except FileNotFoundError:

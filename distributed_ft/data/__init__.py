@@ -5,7 +5,6 @@ Train examples are stored task by task, so a WeightedMixSampler over `task_sizes
 """
 from __future__ import annotations
 
-import bisect
 import random
 from dataclasses import dataclass
 
@@ -15,14 +14,11 @@ from distributed_ft.data.config import DataConfig, DatasetSpec
 from distributed_ft.data.formats import normalise, resolve_columns
 from distributed_ft.data.mixing import WeightedMixSampler
 from distributed_ft.data.sources import column_names, load_rows
-from distributed_ft.data.tokenize import IGNORE_INDEX, encode_prompt, pack, tokenize_generative, tokenize_labelled
+from distributed_ft.data.tokenize import encode_prompt, pack, tokenize_generative, tokenize_labelled
 from distributed_ft.errors import ConfigError, DataError
+from distributed_ft.tasks import get_task
 
-__all__ = ["DataBundle", "DataConfig", "DatasetSpec", "IGNORE_INDEX", "WeightedMixSampler", "build_data", "collate",
-           "encode_prompt"]
-
-KIND_OF_TASK_TYPE = {"causal_lm": "generative", "sequence_classification": "classification",
-                     "regression": "regression"}
+__all__ = ["DataBundle", "DataConfig", "DatasetSpec", "WeightedMixSampler", "build_data", "collate", "encode_prompt"]
 # Validation builtins are generated from a different seed than the training ones.
 VALIDATION_SEED_OFFSET = 1_000_003
 
@@ -30,32 +26,28 @@ VALIDATION_SEED_OFFSET = 1_000_003
 @dataclass
 class DataBundle:
     train: list[dict]
-    validation: list[dict] | None
     tasks: list[str]                       # train tasks, in order; a train example's task_id indexes this
-    task_names: list[str]                  # tasks + validation-only tasks; any example's task_id indexes this
     task_sizes: list[int]                  # train examples per task (after packing, if packed)
-    task_offsets: list[int]                # index of each task's first example in `train`
     weights: list[float]
     stats: dict[str, dict[str, int]]       # per train task: kept, truncated, dropped_* (+ sequences if packed)
     validation_stats: dict[str, dict[str, int]]
     eval_records: list[dict] | None        # one per validation example, same order; references are stripped
     num_labels: int | None                 # classification only
     label_names: list[str] | None          # when classification labels were names, label id -> name
-    task_type: str
-    packed: bool
+    train_rows: dict[str, list[dict]]      # the normalised training rows of each task, before tokenization
+
+    def solved_examples(self, task: str, n: int) -> list[tuple[str, str]]:
+        """The first `n` (prompt, completion) pairs of a generation task's training rows (few-shot prompts)."""
+        return [(r["prompt"].strip(), r["completion"].strip()) for r in self.train_rows.get(task, [])[:n]]
 
     def sampler(self, seed: int) -> WeightedMixSampler:
         return WeightedMixSampler(self.task_sizes, self.weights, seed)
 
-    def task_of_example(self, index: int) -> int:
-        return bisect.bisect_right(self.task_offsets, index) - 1
 
 
 def build_data(cfg: DataConfig, tokenizer, *, task_type: str, seed: int) -> DataBundle:
     """Build train/validation examples for a model of `task_type` from the `data` config."""
-    kind = KIND_OF_TASK_TYPE.get(task_type)
-    if kind is None:
-        raise ConfigError(f"unknown model task '{task_type}' (valid: {', '.join(KIND_OF_TASK_TYPE)})")
+    kind = get_task(task_type).kind
     if cfg.packing and task_type != "causal_lm":
         raise ConfigError(f"data.packing applies only to causal_lm models, not {task_type}")
 
@@ -73,13 +65,12 @@ def build_data(cfg: DataConfig, tokenizer, *, task_type: str, seed: int) -> Data
             if spec.builtin is not None and spec.task_name in train_rows:
                 rows = _without_inputs_of(rows, train_rows[spec.task_name])
             val_rows.setdefault(spec.task_name, []).extend(rows)
-    task_names = tasks + [t for t in (val_rows or {}) if t not in tasks]
 
     label_names = num_labels = None
     if kind == "classification":
         label_names, num_labels = _map_labels(train_rows, val_rows or {})
 
-    train, stats, sizes, offsets = [], {}, [], []
+    train, stats, sizes = [], {}, []
     for task_id, task in enumerate(tasks):
         examples, counts, _ = _tokenize(train_rows[task], tokenizer, cfg, kind, task_id)
         if not examples:
@@ -88,32 +79,30 @@ def build_data(cfg: DataConfig, tokenizer, *, task_type: str, seed: int) -> Data
         if cfg.packing:
             examples = pack(examples, cfg.max_length)
             counts["sequences"] = len(examples)
-        offsets.append(len(train))
         sizes.append(len(examples))
         train.extend(examples)
         stats[task] = counts
 
-    validation = eval_records = None
+    eval_records = None
     validation_stats: dict[str, dict[str, int]] = {}
     if val_rows is not None:
-        validation, eval_records = [], []
+        eval_records = []
         for task, rows in val_rows.items():
-            examples, counts, kept = _tokenize(rows, tokenizer, cfg, kind, task_names.index(task))
+            # Tokenized as training would be, so the same length rules decide which rows are evaluated.
+            examples, counts, kept = _tokenize(rows, tokenizer, cfg, kind, task_id=0)
             if not examples:
                 raise DataError(f"task '{task}': no validation examples left after tokenization "
                                 f"({_describe(counts)})")
-            validation.extend(examples)
             eval_records.extend(_record(task, rows[i], kind) for i in kept)
             validation_stats[task] = counts
 
-    return DataBundle(train=train, validation=validation, tasks=tasks, task_names=task_names, task_sizes=sizes,
-                      task_offsets=offsets, weights=[spec.weight for spec in cfg.train], stats=stats,
-                      validation_stats=validation_stats, eval_records=eval_records, num_labels=num_labels,
-                      label_names=label_names, task_type=task_type, packed=cfg.packing)
+    return DataBundle(train=train, tasks=tasks, task_sizes=sizes, weights=[spec.weight for spec in cfg.train],
+                      stats=stats, validation_stats=validation_stats, eval_records=eval_records,
+                      num_labels=num_labels, label_names=label_names, train_rows=train_rows)
 
 
 def _normalised_rows(spec: DatasetSpec, tokenizer, task_type: str, seed: int) -> list[dict]:
-    task, kind = spec.task_name, KIND_OF_TASK_TYPE[task_type]
+    task, kind = spec.task_name, get_task(task_type).kind
     if spec.builtin is not None:
         native = BUILTIN_TASK_TYPES[spec.builtin]
         # Every builtin has a generative form; classification/regression models need the native type.
@@ -170,7 +159,7 @@ def _map_labels(train_rows: dict, val_rows: dict) -> tuple[list[str] | None, int
 
 
 def _tokenize(rows: list[dict], tokenizer, cfg: DataConfig, kind: str, task_id: int):
-    if kind == "generative":
+    if kind == "generation":
         return tokenize_generative(rows, tokenizer, task_id=task_id, max_length=cfg.max_length,
                                    overlong=cfg.overlong, loss_on=cfg.loss_on)
     return tokenize_labelled(rows, tokenizer, task_id=task_id, max_length=cfg.max_length, overlong=cfg.overlong,
@@ -178,7 +167,7 @@ def _tokenize(rows: list[dict], tokenizer, cfg: DataConfig, kind: str, task_id: 
 
 
 def _record(task: str, row: dict, kind: str) -> dict:
-    if kind == "generative":
+    if kind == "generation":
         return {"task": task, "prompt": row["prompt"], "reference": row["completion"].strip()}
     key = "label" if kind == "classification" else "value"
     return {"task": task, "text": row["text"], key: row[key]}

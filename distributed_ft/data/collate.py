@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from distributed_ft.data.tokenize import IGNORE_INDEX
+from distributed_ft.tasks import IGNORE_INDEX
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

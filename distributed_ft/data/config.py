@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from distributed_ft.config.base import StrictModel
+from distributed_ft.strict import StrictModel
 
 BuiltinName = Literal["arithmetic", "reverse", "sort", "copy", "parity", "count"]
 FormatName = Literal["auto", "text", "prompt_completion", "chat", "instruction", "classification", "regression"]

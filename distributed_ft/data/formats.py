@@ -1,6 +1,6 @@
 """Row formats: map columns, detect the format, and normalise rows into one of three shapes.
 
-generative:     {"prompt": str, "completion": str}   (text, prompt_completion, chat, instruction)
+generation:     {"prompt": str, "completion": str}   (text, prompt_completion, chat, instruction)
 classification: {"text": str, "label": int | str}   (string labels are mapped to ids by the caller)
 regression:     {"text": str, "value": float}
 """
@@ -19,8 +19,8 @@ REQUIRED = {
     "regression": ("text", "value"),
 }
 OPTIONAL = {"instruction": ("input",)}
-KIND = {"text": "generative", "prompt_completion": "generative", "chat": "generative",
-        "instruction": "generative", "classification": "classification", "regression": "regression"}
+KIND = {"text": "generation", "prompt_completion": "generation", "chat": "generation",
+        "instruction": "generation", "classification": "classification", "regression": "regression"}
 
 # Checked in order: the first format whose required columns are all present wins.
 DETECT_ORDER = ("chat", "instruction", "prompt_completion", "classification", "regression", "text")
@@ -39,7 +39,7 @@ def resolve_columns(present: list[str], fmt: str, columns: dict[str, str], task:
                     kind: str | None = None) -> tuple[str, dict[str, str]]:
     """Return (format, canonical name -> column name), checking that every needed column exists.
 
-    With `kind` ("generative", "classification", "regression"), "auto" only considers formats of that kind
+    With `kind` ("generation", "classification", "regression"), "auto" only considers formats of that kind
     and an explicit format of another kind is refused.
     """
     listing = ", ".join(present) or "none"

@@ -15,8 +15,8 @@ right. Classification/regression texts are cut on the right, keeping the tokeniz
 from __future__ import annotations
 
 from distributed_ft.errors import DataError
+from distributed_ft.tasks import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 COUNT_KEYS = ("kept", "truncated", "dropped_overlong", "dropped_empty")
 
 

@@ -48,14 +48,21 @@ def _deepspeed_plugin(training):
     zero = ds.setdefault("zero_optimization", {})
     zero["stage3_gather_16bit_weights_on_model_save"] = True
     offloaded = str(zero.get("offload_param", {}).get("device", "none")) not in ("none", "None")
+    if str(zero.get("offload_optimizer", {}).get("device", "none")) not in ("none", "None"):
+        # accelerate swaps an offloaded torch optimizer for DeepSpeed's CPU Adam, keeping only lr and weight
+        # decay: keep that fast path only where it is the configured optimizer, else train with the configured one.
+        same = training.optimizer in ("adam", "adamw") and tuple(training.adam_betas) == (0.9, 0.999) \
+            and training.adam_epsilon == 1e-8
+        ds.setdefault("zero_force_ds_cpu_optimizer", same)
     if plugin.zero_stage == 3 and world == 1 and not offloaded:
         raise ConfigError("ZeRO-3 shards parameters across processes but this launch has 1 process; "
                           "launch with --num_processes >= 2, use launch/single.yaml, or enable parameter offload")
     return plugin
 
 
-def build_accelerator(training, project_dir: str | None = None):
-    """Create the Accelerator for this launch (gloo on CPU, DeepSpeed when the launcher asked for it)."""
+def build_accelerator(training, logging=None, run_dir: str | None = None):
+    """Create the Accelerator for this launch (gloo on CPU, DeepSpeed when the launcher asked for it), with
+    the experiment trackers `logging` names writing under `run_dir`."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
@@ -71,9 +78,10 @@ def build_accelerator(training, project_dir: str | None = None):
         kwargs["deepspeed_plugin"] = _deepspeed_plugin(training)
     elif launched and not torch.cuda.is_available():
         kwargs["cpu"] = True  # several CPU processes: data parallel over gloo
+    if logging is not None and logging.active_trackers:
+        kwargs.update(log_with=logging.active_trackers, project_dir=run_dir)
     accelerator = Accelerator(gradient_accumulation_steps=training.gradient_accumulation_steps,
-                              mixed_precision=training.mixed_precision, kwargs_handlers=handlers,
-                              project_dir=project_dir, **kwargs)
+                              mixed_precision=training.mixed_precision, kwargs_handlers=handlers, **kwargs)
     _check_topology(accelerator)
     return accelerator
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from distributed_ft.tasks import IGNORE_INDEX
+
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
     """Sum of the loss terms of each example: shape [batch]."""
@@ -13,7 +15,7 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> t
         shifted = logits[:, :-1].float()
         targets = labels[:, 1:]
         token = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
-                                ignore_index=-100, reduction="none")
+                                ignore_index=IGNORE_INDEX, reduction="none")
         return token.view(targets.shape).sum(dim=1)
     if task == "regression":
         return F.mse_loss(logits.float().view(-1), labels.float().view(-1), reduction="none")
@@ -24,4 +26,4 @@ def loss_terms(example: dict, task: str) -> int:
     """How many loss terms an example contributes (label tokens after the shift, or 1)."""
     if task != "causal_lm":
         return 1
-    return sum(1 for label in example["labels"][1:] if label != -100)
+    return sum(1 for label in example["labels"][1:] if label != IGNORE_INDEX)

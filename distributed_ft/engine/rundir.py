@@ -7,6 +7,8 @@ from pathlib import Path
 import yaml
 
 from distributed_ft.errors import ConfigError
+from distributed_ft.strategies.common import numel
+from distributed_ft.strict import config_hash, config_to_dict
 
 
 def check_run_dir(config) -> Path:
@@ -21,8 +23,6 @@ def check_run_dir(config) -> Path:
 
 def create_run_dir(accelerator, config, config_path: str, kind: str = "run") -> Path:
     """Collective: the main process (re)creates the folder and writes the resolved config."""
-    from distributed_ft.config import config_hash, config_to_dict
-
     run_dir = Path(config.output.dir)
     if accelerator.is_main_process:
         if config.output.overwrite and config.training.resume_from is None and run_dir.exists():
@@ -44,7 +44,7 @@ def record_rank(accelerator, run_dir: Path, modules, **extra) -> dict:
     info = {"rank": accelerator.process_index, "world_size": accelerator.num_processes,
             "distributed_type": str(accelerator.distributed_type), "zero_stage": zero_stage(accelerator),
             "local_parameters": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params),
-            "total_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in params), **extra}
+            "total_parameters": sum(numel(p) for p in params), **extra}
     folder = Path(run_dir) / "ranks"
     folder.mkdir(exist_ok=True)
     (folder / f"rank-{accelerator.process_index}.json").write_text(json.dumps(info))

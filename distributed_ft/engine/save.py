@@ -10,10 +10,6 @@ class SaveError(DftError):
     """The saved model is missing tensors or holds empty ones."""
 
 
-def _param_numel(p) -> int:
-    return getattr(p, "ds_numel", None) or p.numel()
-
-
 def save_final_model(model, accelerator, strategy, tokenizer, out_dir: Path) -> Path:
     """Collective: gathers the full state dict (ZeRO-3 included) and writes it on the main process."""
     out_dir = Path(out_dir)
@@ -32,7 +28,7 @@ def save_final_model(model, accelerator, strategy, tokenizer, out_dir: Path) -> 
 
 
 def verify_saved(out_dir: Path, model) -> None:
-    """Every saved tensor is non-empty and at least every trainable tensor made it to disk."""
+    """Every saved tensor is non-empty and every trainable tensor made it to disk, under its own name."""
     from safetensors import safe_open
 
     files = sorted(Path(out_dir).glob("*.safetensors"))
@@ -40,13 +36,27 @@ def verify_saved(out_dir: Path, model) -> None:
         raise SaveError(f"no .safetensors file was written to {out_dir}")
     if list(Path(out_dir).glob("*.bin")) or list(Path(out_dir).glob("*.pt")):
         raise SaveError(f"{out_dir} holds pickle weight files; only safetensors are allowed")
-    saved = 0
+    saved: set[str] = set()
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
                 if handle.get_slice(key).get_shape() and 0 in handle.get_slice(key).get_shape():
                     raise SaveError(f"{file.name}: tensor '{key}' is empty (parameters were not gathered)")
-                saved += 1
-    trainable = sum(1 for p in model.parameters() if p.requires_grad)
-    if saved < trainable:
-        raise SaveError(f"{out_dir}: {saved} tensors saved but the model trains {trainable}")
+                saved.add(key)
+    for names in trained_tensor_names(model):
+        if not names & saved:
+            raise SaveError(f"{out_dir}: the trained tensor '{min(names)}' is missing from the saved files")
+
+
+def trained_tensor_names(model) -> list[set[str]]:
+    """For each trainable tensor, the names it can be saved under: a PEFT adapter's own key names, else
+    every name of the parameter (tied weights are saved once, under any of theirs)."""
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        return [{key} for key in get_peft_model_state_dict(model)]
+    names: dict[int, set[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if param.requires_grad:
+            names.setdefault(id(param), set()).add(name)
+    return list(names.values())

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import signal
 
+# The exit code of a run stopped by a signal after saving a checkpoint; rerun with training.resume_from=latest.
+EXIT_STOPPED = 3
+
 
 class StopRequest:
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)):

@@ -14,12 +14,10 @@ from pathlib import Path
 import torch
 
 from distributed_ft.data.collate import collate, model_inputs
-from distributed_ft.engine.checkpoint import CheckpointManager, resolve_resume
 from distributed_ft.engine.distributed import uses_deepspeed
-from distributed_ft.engine.logging import logger
 from distributed_ft.engine.losses import loss_terms, per_example_loss
+from distributed_ft.engine.loop import LoopControl
 from distributed_ft.engine.optim import build_optimizer, build_scheduler
-from distributed_ft.engine.signals import StopRequest
 
 
 @dataclass
@@ -45,8 +43,6 @@ class Trainer:
         self.terms = [loss_terms(ex, self.task) for ex in data.train]
         self.lengths = [len(ex["input_ids"]) for ex in data.train]
         self.model = model
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", accelerator,
-                                             self.training.keep_checkpoints)
 
     def prepare(self):
         """Wrap model and optimizer for the launch (DDP, DeepSpeed engine); idempotent."""
@@ -63,19 +59,14 @@ class Trainer:
         self.prepare()
         acc, training = self.acc, self.training
         world, micro, accum = acc.num_processes, training.micro_batch_size, training.gradient_accumulation_steps
-        self.checkpoints.clean_incomplete()
         result = TrainResult(step=0)
-        resume = resolve_resume(training.resume_from, self.checkpoints.root)
-        if resume is not None:
-            state = self.checkpoints.load(resume)
-            sampler.load_state_dict(state["sampler"])
-            result.step, result.resumed_from = state["step"], str(resume)
-            logger.info(f"resumed from {resume} at step {result.step}")
-        self.log.rewind(result.step)
-        stop = StopRequest()
         n_tasks = len(self.data.tasks)
-        self.model.train()
-        try:
+        with LoopControl(acc, training, self.run_dir, self.log) as loop:
+            resumed = loop.resume()
+            if resumed is not None:
+                sampler.load_state_dict(resumed.state["sampler"])
+                result.step, result.resumed_from = resumed.step, resumed.folder
+            self.model.train()
             while result.step < training.max_steps:
                 started = time.perf_counter()
                 global_idx = sampler.next_indices(micro * accum * world)
@@ -84,7 +75,7 @@ class Trainer:
                 lr = self.scheduler.get_last_lr()[0]  # the rate this step used
                 self.scheduler.step()
                 result.step += 1
-                stats[-1] = 1.0 if stop.requested else 0.0
+                stats[-1] = 1.0 if loop.stop_requested_here else 0.0  # agreed in the same reduce as the losses
                 stats = acc.reduce(stats.to(acc.device), reduction="sum").cpu()
                 loss = float(stats[:n_tasks].sum() / n_terms)
                 result.losses.append(loss)
@@ -94,17 +85,10 @@ class Trainer:
                 tokens = sum(self.lengths[i] for i in global_idx)
                 self._log(result.step, loss, lr, stats, n_tasks, grad_norm, tokens / elapsed)
                 if self.on_step is not None:
-                    self.on_step(result.step, self.model)
-                if stats[-1] > 0:
-                    result.stopped_by = stop.signal_name or "signal on another rank"
-                    self._save(result.step, sampler)
-                    logger.info(f"stopping at step {result.step} ({result.stopped_by}); checkpoint saved")
+                    self.on_step(result.step)
+                if loop.end_of_step(result.step, lambda: {"sampler": sampler.state_dict()}, bool(stats[-1] > 0)):
+                    result.stopped_by = loop.stopped_by
                     break
-                every = training.checkpoint_every
-                if every and result.step % every == 0 and result.step < training.max_steps:
-                    self._save(result.step, sampler)
-        finally:
-            stop.restore()
         return result
 
     def _step(self, global_idx: list[int], n_terms: int, n_tasks: int):
@@ -124,8 +108,9 @@ class Trainer:
             with acc.accumulate(self.model):
                 per_example = self._forward(batch)
                 acc.backward(per_example.sum() / n_terms * world * accum)
-                if acc.sync_gradients and training.max_grad_norm and not uses_deepspeed(acc):
-                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), training.max_grad_norm)
+                if acc.sync_gradients and not uses_deepspeed(acc):  # DeepSpeed clips and measures itself
+                    # an infinite bound measures the global norm without clipping
+                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), training.max_grad_norm or float("inf"))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             tasks = batch["task_ids"].cpu()
@@ -140,7 +125,7 @@ class Trainer:
 
     def _log(self, step, loss, lr, stats, n_tasks, grad_norm, tokens_per_s) -> None:
         if not (step % self.config.logging.log_every == 0 or step == 1 or step == self.training.max_steps):
-            self.log.progress(step, loss, tokens_per_s)
+            self.log.progress(step, loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             return
         row = {"step": step, "loss": loss, "lr": lr,
                "tokens_per_s": round(tokens_per_s, 1)}
@@ -151,7 +136,4 @@ class Trainer:
                 if stats[n_tasks + t] > 0:
                     row[f"loss/{name}"] = float(stats[t] / stats[n_tasks + t])
         self.log.log(row)
-        self.log.progress(step, loss, tokens_per_s)
-
-    def _save(self, step: int, sampler) -> Path:
-        return self.checkpoints.save(step, {"sampler": sampler.state_dict()})
+        self.log.progress(step, loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from distributed_ft.config.base import StrictModel
-from distributed_ft.eval.errors import EvalError
+from distributed_ft.strict import StrictModel
+from distributed_ft.errors import EvalError
 from distributed_ft.eval.metrics import DEFAULT_METRICS, check_metric_name, resolve_metrics
 
 

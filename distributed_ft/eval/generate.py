@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from distributed_ft.eval.metrics import loss_and_perplexity
-
-IGNORE_INDEX = -100
+from distributed_ft.tasks import IGNORE_INDEX
 
 
 def shard_range(n: int, num_processes: int, rank: int) -> range:

@@ -14,9 +14,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from distributed_ft.eval.errors import EvalError
-
-TASK_TYPES = ("generation", "classification", "regression")
+from distributed_ft.errors import EvalError
+from distributed_ft.tasks import KINDS as TASK_TYPES
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
@@ -137,7 +136,27 @@ def rouge(predictions: Sequence[str], references: Sequence[str], options: Metric
         result = scorer.score(str(r), str(p))  # rouge-score takes (target, prediction)
         per.append({k: float(result[k].fmeasure) for k in ROUGE_TYPES})
     scores = {k: _mean([s[k] for s in per]) for k in ROUGE_TYPES}
-    return MetricOutput(scores, per, {"rouge": f"rouge-score|stemmer:{'yes' if options.rouge_stemmer else 'no'}"})
+    return MetricOutput(scores, per, {"rouge": rouge_signature(options)})
+
+
+def rouge_signature(options: MetricOptions) -> str:
+    """What a ROUGE number depends on, like sacrebleu's signature: library version, types, stemmer, tokenizer.
+
+    The tokenizer is always rouge-score's default one (lower-cases, keeps only [a-z0-9] runs, so text in
+    other scripts scores 0); rouge-score offers no named alternatives, only a custom object, so it is not an option.
+    """
+    return (f"rouge-score {_package_version('rouge-score')}|types:{','.join(ROUGE_TYPES)}"
+            f"|stemmer:{'porter' if options.rouge_stemmer else 'none'}|tokenizer:default")
+
+
+@functools.lru_cache(maxsize=None)
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
 
 
 # --- loss ------------------------------------------------------------------------------------------

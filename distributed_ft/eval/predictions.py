@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from distributed_ft.eval.errors import EvalError
+from distributed_ft.errors import EvalError
 from distributed_ft.eval.metrics import METRICS, MetricOptions, MetricOutput, compute_metrics, resolve_metrics
 from distributed_ft.eval.runner import EvalResult, TaskGroup, score_groups
 
@@ -88,3 +88,27 @@ def score_predictions_file(path: str | Path, metrics: Sequence[str] | None = Non
                         raise EvalError(f"{path}:{r['_line']}: field '{key}' must be a string for generation")
         groups.append(TaskGroup(task, task_type, names, [r.get("input") for r in task_rows], preds, refs))
     return score_groups(groups, MetricOptions(rouge_stemmer, normalize_exact_match))
+
+
+def format_table(result: EvalResult) -> str:
+    """The scores as an aligned text table: task, metric, value, sample count (plus the weighted mean)."""
+    rows = [("task", "metric", "value", "n")]
+    for task in result.tasks.values():
+        rows += [(task.task, k, f"{v:.4f}", str(task.n)) for k, v in task.scores.items()]
+    if len(result.tasks) > 1:
+        n = sum(t.n for t in result.tasks.values())
+        rows += [("mean (weighted)", k, f"{v:.4f}", str(n)) for k, v in result.mean.items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_scores(result: EvalResult, out: str | Path, predictions_file: str | Path, task_type: str) -> None:
+    """The scores of a predictions file as JSON (`dft eval --predictions ... --out`)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"predictions_file": str(predictions_file), "task_type": task_type,
+               "tasks": {t.task: {"n": t.n, "scores": t.scores} for t in result.tasks.values()},
+               "mean": result.mean, "signatures": result.signatures}
+    out.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,19 +1,13 @@
 """Evaluation report files: report.json, report.md, predictions.jsonl and PNG plots under <out>/eval/."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 from distributed_ft.eval.runner import EvalResult
-
-
-def config_hash(config: Any) -> str:
-    """Short stable hash of a JSON-serialisable config (keys sorted)."""
-    text = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+from distributed_ft.strict import config_hash
 
 
 def _num(value: Any) -> float | None:
@@ -54,6 +48,7 @@ def build_report(result_after: EvalResult, result_before: EvalResult | None = No
         "config_hash": meta.get("config_hash"),
         "meta": {k: v for k, v in meta.items() if k != "config"},
         "sacrebleu_signature": signatures.get("bleu"),
+        "rouge_signature": signatures.get("rouge"),
         "signatures": signatures,
         "tasks": tasks,
         "mean": _compare(result_after.mean, result_before.mean if result_before else None),
@@ -71,7 +66,7 @@ def _fmt_change(value: float | None) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     lines = ["# Evaluation report", ""]
-    for key in ("model", "strategy", "config_hash", "sacrebleu_signature"):
+    for key in ("model", "strategy", "config_hash", "sacrebleu_signature", "rouge_signature"):
         if report.get(key):
             lines.append(f"- {key.replace('_', ' ')}: `{report[key]}`")
     lines += ["", "| task | metric | baseline | fine-tuned | change |", "|---|---|---|---|---|"]

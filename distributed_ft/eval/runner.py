@@ -13,11 +13,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from distributed_ft.eval.config import EvalConfig
-from distributed_ft.eval.errors import EvalError
+from distributed_ft.errors import EvalError
 from distributed_ft.eval.metrics import MetricOptions, check_task_type, compute_metrics
+from distributed_ft.tasks import task_of_kind
 
-INPUT_FIELD = {"generation": "prompt", "classification": "text", "regression": "text"}
-TARGET_FIELD = {"generation": "reference", "classification": "label", "regression": "value"}
+
+def _input_field(task_type: str) -> str:
+    return task_of_kind(task_type).input_field
+
+
+def _target_field(task_type: str) -> str:
+    return task_of_kind(task_type).target_field
 
 
 @dataclass
@@ -96,7 +102,7 @@ def _group_records(records: list[dict], task_types: dict[str, str],
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise EvalError(f"eval record {number}: unknown task {task!r}{hint}; tasks: {', '.join(task_types)}")
         task_type = task_types[task]
-        for key in (INPUT_FIELD[task_type], TARGET_FIELD[task_type]):
+        for key in (_input_field(task_type), _target_field(task_type)):
             if key not in rec:
                 raise EvalError(f"eval record {number} (task '{task}', {task_type}): missing field '{key}'")
         rows = groups.setdefault(task, [])
@@ -127,7 +133,7 @@ def evaluate(model: Any, tokenizer: Any, records: list[dict], accelerator: Any, 
         by_type.setdefault(task_types[task], []).extend((task, i) for i in range(len(rows)))
     predictions: dict[str, list[Any]] = {task: [None] * len(rows) for task, rows in grouped.items()}
     for task_type, keys in by_type.items():
-        inputs = [grouped[t][i][INPUT_FIELD[task_type]] for t, i in keys]
+        inputs = [grouped[t][i][_input_field(task_type)] for t, i in keys]
         if task_type == "generation":  # one sharded pass over all tasks: fuller batches
             outputs = generate_predictions(model, tokenizer, inputs, accelerator, cfg)
         else:
@@ -154,8 +160,8 @@ def evaluate(model: Any, tokenizer: Any, records: list[dict], accelerator: Any, 
     if accelerator.is_main_process:
         start = time.perf_counter()
         groups = [TaskGroup(task, task_types[task], metric_names[task],
-                            [r[INPUT_FIELD[task_types[task]]] for r in rows], predictions[task],
-                            [r[TARGET_FIELD[task_types[task]]] for r in rows], extra.get(task, {}))
+                            [r[_input_field(task_types[task])] for r in rows], predictions[task],
+                            [r[_target_field(task_types[task])] for r in rows], extra.get(task, {}))
                   for task, rows in grouped.items()]
         result = score_groups(groups, MetricOptions(cfg.rouge_stemmer, cfg.normalize_exact_match))
         result.timing = {"generation_s": generation_s, "loss_s": loss_s,

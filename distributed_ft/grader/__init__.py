@@ -5,4 +5,7 @@ score_model, label_model, multi), so a grader written for that service loads unc
 """
 from distributed_ft.grader.results import GradeResult
 
-__all__ = ["GradeResult"]
+# The shared secret of a grader that listens beyond loopback: the server requires it, the client sends it.
+TOKEN_ENV = "DFT_GRADER_TOKEN"
+
+__all__ = ["GradeResult", "TOKEN_ENV"]

@@ -3,6 +3,9 @@
 Requests go round robin over the URLs, skipping a URL for `cooldown_s` after it failed (so a restarted server is
 picked up again afterwards); each request has a timeout and is retried with exponential backoff on another URL.
 Samples whose request finally fails come back unscorable (reward None) with the reason, never as 0.
+Retried: transport errors, timeouts, 5xx, 408 and 429 (a 503 "busy" waits at least its Retry-After first).
+Not retried: other 4xx, e.g. 413 (body or one entry over the server's size limits) or 422: the samples of that
+request come back unscorable with the server's message.
 """
 from __future__ import annotations
 
@@ -15,10 +18,27 @@ from typing import Any, Iterable
 import httpx
 
 from distributed_ft.errors import DftError
+from distributed_ft.grader import TOKEN_ENV
 from distributed_ft.grader.results import GradeResult
 
 
-TOKEN_ENV = "DFT_GRADER_TOKEN"  # used when no token is passed, as the server does
+
+RETRYABLE_STATUS = frozenset({408, 429})  # and every 5xx
+MAX_RETRY_AFTER_S = 30.0
+
+
+def _retry_after(resp: httpx.Response) -> float:
+    try:
+        return min(MAX_RETRY_AFTER_S, max(0.0, float(resp.headers.get("retry-after", 0))))
+    except ValueError:  # an HTTP date: not sent by our server
+        return 0.0
+
+
+def _detail(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return resp.text[:200]
 
 
 class GraderUnavailable(DftError):
@@ -76,9 +96,11 @@ class GraderClient:
     async def _post_batch(self, http: httpx.AsyncClient, entries: list[dict]) -> list[GradeResult]:
         last_error = "no attempt"
         url = None
+        wait_at_least = 0.0
         for attempt in range(self.max_retries + 1):
             if attempt:
-                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+                await asyncio.sleep(max(wait_at_least, self.backoff_s * 2 ** (attempt - 1)))
+                wait_at_least = 0.0
             url = self._pick(avoid=url)
             try:
                 resp = await http.post(f"{url}/grade", json={"items": entries}, headers=self._headers,
@@ -87,17 +109,14 @@ class GraderClient:
                 last_error = f"{url}: {type(err).__name__}: {err or 'timed out'}"
                 self._mark(url, ok=False)
                 continue
-            if resp.status_code >= 500:
-                last_error = f"{url}: HTTP {resp.status_code}"
+            if resp.status_code >= 500 or resp.status_code in RETRYABLE_STATUS:
+                last_error = f"{url}: HTTP {resp.status_code}: {_detail(resp)}"
+                wait_at_least = _retry_after(resp)
                 self._mark(url, ok=False)
                 continue
             self._mark(url, ok=True)
-            if resp.status_code != 200:  # the request itself is wrong: retrying will not help
-                try:
-                    detail = resp.json()["error"]
-                except (ValueError, KeyError, TypeError):
-                    detail = resp.text[:200]
-                return [GradeResult.failed(f"grader refused the request: HTTP {resp.status_code}: {detail}")
+            if resp.status_code != 200:  # the request itself is wrong (e.g. 413, 422): retrying will not help
+                return [GradeResult.failed(f"grader refused the request: HTTP {resp.status_code}: {_detail(resp)}")
                         for _ in entries]
             try:
                 results = resp.json()["results"]
@@ -164,9 +183,6 @@ class GraderClient:
     @property
     def unscorable_rate(self) -> float:
         return self.unscorable / self.samples if self.samples else 0.0
-
-    def reset_stats(self) -> None:
-        self.samples = self.unscorable = 0
 
     def raise_if_unscorable_above(self, threshold: float) -> None:
         """Raise GraderUnavailable when the share of unscorable samples so far exceeds `threshold`."""

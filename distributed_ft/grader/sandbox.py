@@ -1,9 +1,12 @@
 """Pool of long-lived sandboxed worker processes that run a python grader's `grade(sample, item)`.
 
-Each worker lives in its own network, mount and pid namespaces (`unshare`), sees every file system read-only except
-its private temporary folder, holds no capabilities, and has a memory limit (RLIMIT_AS) and one CPU.  Samples are
-sent in batches; each sample has a wall-time limit.  A worker that exceeds it or dies is killed and replaced, and
-only that sample becomes unscorable.
+Each worker runs under bubblewrap in a fresh root that holds only what it needs, read-only: `/usr`, the
+interpreter's prefix and its site-packages (at neutral paths under /sandbox), and the worker script; a
+private tmpfs is its only writable folder. It has its own pid, network (nothing but its own loopback),
+IPC and UTS namespaces, runs as nobody (uid 65534) with no capabilities, and has a memory limit
+(RLIMIT_AS) and one CPU. Nothing else of the host exists inside: not /etc, /root, the home folder or the
+checkout. Samples are sent in batches; each sample has a wall-time limit. A worker that exceeds it or
+dies is killed and replaced, and only that sample becomes unscorable.
 """
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ import queue
 import select
 import shutil
 import signal
+import site
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -26,34 +31,71 @@ from distributed_ft.errors import ConfigError, DftError
 
 log = logging.getLogger(__name__)
 WORKER_SCRIPT = str(Path(__file__).with_name("_sandbox_worker.py"))
-SETPRIV = "/usr/bin/setpriv"
-UNSHARE = ["unshare", "--net", "--mount", "--propagation", "private", "--pid", "--fork", "--mount-proc",
-           "--kill-child"]
 STARTUP_TIMEOUT_S = 60.0
 WORKDIR_PREFIX = "dft-grader-"
+# Error text from grader code reaches clients: cut it, so a grader cannot ship out whatever it read.
+ERROR_TEXT_CAP = 500
+NOBODY = "65534"
+INSIDE = "/sandbox"  # where the interpreter, its packages and the worker script appear in the sandbox
 
 _probe_lock = threading.Lock()
 _probe_result: str | None = None
 _probe_done = False
 
 
+def _site_dirs() -> list[str]:
+    """The interpreter's package folders (the virtualenv's included) that exist, without duplicates."""
+    found = list(site.getsitepackages()) + [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    return [d for i, d in enumerate(found) if os.path.isdir(d) and d not in found[:i]]
+
+
+def sandbox_command(worker_args: list[str]) -> list[str]:
+    """The bubblewrap command that runs the worker script in a fresh, read-only, allowlisted root."""
+    executable = os.path.realpath(sys.executable)
+    prefix = os.path.realpath(sys.base_prefix)
+    cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+           "--uid", NOBODY, "--gid", NOBODY,
+           "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+           "--symlink", "usr/bin", "/bin", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+           "--dir", INSIDE, "--ro-bind", WORKER_SCRIPT, f"{INSIDE}/worker.py"]
+    env = {"PATH": "/usr/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
+           "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if executable.startswith("/usr/"):
+        python = executable
+    else:  # an interpreter outside /usr (pyenv, conda): its prefix appears at a neutral path
+        cmd += ["--ro-bind", prefix, f"{INSIDE}/python"]
+        python = f"{INSIDE}/python/" + os.path.relpath(executable, prefix)
+        env["LD_LIBRARY_PATH"] = f"{INSIDE}/python/lib"  # libpython of a shared build
+    sites = []
+    for i, folder in enumerate(_site_dirs()):
+        if folder.startswith("/usr/"):
+            sites.append(folder)
+        else:
+            cmd += ["--ro-bind", folder, f"{INSIDE}/site/{i}"]
+            sites.append(f"{INSIDE}/site/{i}")
+    cmd += ["--chdir", "/tmp", "--clearenv"]
+    for key, value in env.items():
+        cmd += ["--setenv", key, value]
+    return cmd + [python, "-I", f"{INSIDE}/worker.py", "--serve", "/tmp", *worker_args, *sites]
+
+
 def probe_sandbox() -> str | None:
-    """None if namespaces + setpriv work here, else the reason they do not (checked once per process)."""
+    """None if bubblewrap runs the worker's interpreter here, else the reason not (checked once per process)."""
     global _probe_result, _probe_done
     with _probe_lock:
         if not _probe_done:
             _probe_done = True
-            if shutil.which("unshare") is None:
-                _probe_result = "the 'unshare' program is not installed"
-            elif not os.path.exists(SETPRIV):
-                _probe_result = f"{SETPRIV} is not installed"
+            if shutil.which("bwrap") is None:
+                _probe_result = "bubblewrap ('bwrap') is not installed (Debian/Ubuntu: apt-get install bubblewrap)"
             else:
+                cmd = sandbox_command([])
+                cmd = cmd[:cmd.index("-I") + 1] + ["-c", "import json"]
                 try:
-                    proc = subprocess.run(UNSHARE + ["--", "true"], capture_output=True, text=True, timeout=20)
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
                     if proc.returncode != 0:
-                        _probe_result = f"unshare failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}"
+                        _probe_result = f"bwrap failed: {(proc.stderr.strip().splitlines() or [proc.returncode])[-1]}"
                 except (OSError, subprocess.TimeoutExpired) as err:
-                    _probe_result = f"unshare failed: {err}"
+                    _probe_result = f"bwrap failed: {err}"
         return _probe_result
 
 
@@ -82,20 +124,20 @@ class _Worker:
         self._buf = b""
 
     def start(self) -> None:
+        limits = [str(self.memory_mb * 1024 * 1024), str(self.cpu), str(self.timeout_s)]
+        # Sandboxed, the worker's folder is its own tmpfs; without a sandbox, a private host folder.
         self.workdir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
         os.chmod(self.workdir, 0o700)
-        args = [self.workdir, str(self.memory_mb * 1024 * 1024), str(self.cpu), str(self.timeout_s)]
         if self.sandboxed:
-            cmd = UNSHARE + ["--", sys.executable, "-I", WORKER_SCRIPT, "--setup"] + args
+            cmd = sandbox_command(limits)
         else:
-            cmd = [sys.executable, "-I", WORKER_SCRIPT, "--serve"] + args
+            cmd = [sys.executable, "-I", WORKER_SCRIPT, "--serve", self.workdir] + limits
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": self.workdir, "TMPDIR": self.workdir,
                "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self._buf = b""
         # start-up errors (namespaces, mounts, interpreter) land here; the worker then points stderr at /dev/null
         self._stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-                                    
                                      env=env, cwd=self.workdir, start_new_session=True)
         self._send({"source": self.source})
         try:
@@ -183,7 +225,7 @@ class _Worker:
                     if "r" in reply and isinstance(reply["r"], (int, float)):
                         results.append((float(reply["r"]), None))
                     else:
-                        results.append((None, f"python grader: {reply.get('e', 'bad reply')}"))
+                        results.append((None, f"python grader: {reply.get('e', 'bad reply')}"[:ERROR_TEXT_CAP]))
             except TimeoutError:
                 results.append((None, f"python grader: time limit of {timeout_s:g}s exceeded"))
                 self.kill()

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from distributed_ft.config.base import StrictModel, parse_section
+from distributed_ft.strict import StrictModel, parse_section
 from distributed_ft.errors import ConfigError
 from distributed_ft.grader.formula import Formula, FormulaError
 from distributed_ft.grader.template import check_template

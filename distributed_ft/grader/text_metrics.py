@@ -111,14 +111,6 @@ def _get_pool(processes: int, name: str) -> ProcessPoolExecutor:
         return _pool
 
 
-def warm_up(name: str, processes: int) -> None:
-    """Start the metric processes and load `name`'s library in each, so the first request is not slow."""
-    if processes > 1:
-        pool = _get_pool(processes, name)
-        for future in [pool.submit(_score_chunk, name, ["a b"], ["a b"]) for _ in range(processes)]:
-            future.result()
-
-
 def score_many(name: str, hyps: list[str], refs: list[str], processes: int = 1) -> list[float]:
     """`name` for each (hyp, ref) pair; batches of at least 2 * MIN_PER_PROCESS use `processes` processes."""
     parts = min(processes, len(hyps) // MIN_PER_PROCESS)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from distributed_ft.errors import ModelError
 from distributed_ft.models.builtin import builtin_model_path
+from distributed_ft.tasks import get_task
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -42,33 +43,48 @@ def ensure_pad_token(tokenizer) -> bool:
     return True
 
 
-def load_model_and_tokenizer(model_cfg, num_labels: int | None = None):
-    """Load (model, tokenizer, path) for the configured task through `from_pretrained`."""
+def load_tokenizer_for(model_cfg):
+    """(tokenizer with a pad token, model path, whether a pad token was added) for the configured model."""
+    path = resolve_model_path(model_cfg)
+    tokenizer = load_tokenizer(path, model_cfg)
+    return tokenizer, path, ensure_pad_token(tokenizer)
+
+
+def load_model(model_cfg, tokenizer, path: str, *, added_pad: bool = False, num_labels: int | None = None,
+               label_names: list[str] | None = None):
+    """The configured model through `from_pretrained`, fitted to `tokenizer`. A classifier's head is sized
+    from `model.num_labels`, else from the data's `num_labels`; label names become id2label/label2id."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    path = resolve_model_path(model_cfg)
-    tokenizer = load_tokenizer(path, model_cfg)
-    added = ensure_pad_token(tokenizer)
     kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
                   dtype=getattr(torch, DTYPES[model_cfg.dtype]))
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
+    task = get_task(model_cfg.task)
     try:
-        if model_cfg.task == "causal_lm":
+        if not task.has_head:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         else:
-            labels = 1 if model_cfg.task == "regression" else (model_cfg.num_labels or num_labels or 2)
-            problem = "regression" if model_cfg.task == "regression" else "single_label_classification"
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=labels, problem_type=problem, **kwargs)
+            if task.kind == "regression":
+                kwargs.update(num_labels=1, problem_type="regression")
+            else:
+                labels = model_cfg.num_labels or num_labels or 2
+                if num_labels and labels < num_labels:
+                    raise ModelError(f"the data has {num_labels} labels but model.num_labels is {labels}; "
+                                     "raise it or leave it unset")
+                kwargs.update(num_labels=labels, problem_type="single_label_classification")
+                if label_names:
+                    kwargs["id2label"] = dict(enumerate(label_names))
+                    kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
+            model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load model '{path}': {str(err).splitlines()[0]}") from None
-    if added:
+    if added_pad:
         model.resize_token_embeddings(len(tokenizer))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return model, tokenizer, path
+    return model

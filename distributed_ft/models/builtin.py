@@ -18,6 +18,8 @@ TINY_CONFIG = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, 
                    num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False)
 TOKENIZER_VOCAB = 512
 INIT_SEED = 0
+# Bumped when the folder's layout changes, so caches written by an older build are rebuilt.
+FOLDER_VERSION = 2
 
 
 def cache_root() -> Path:
@@ -40,7 +42,8 @@ def _recipe_hash() -> str:
 
     from distributed_ft.data.builtin import builtin_corpus
 
-    recipe = json.dumps([TINY_CONFIG, TOKENIZER_VOCAB, INIT_SEED, SPECIAL_TOKENS, builtin_corpus(seed=0)])
+    recipe = json.dumps([FOLDER_VERSION, TINY_CONFIG, TOKENIZER_VOCAB, INIT_SEED, SPECIAL_TOKENS,
+                         builtin_corpus(seed=0)])
     return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
 
@@ -90,10 +93,13 @@ def _build_tiny(folder: Path) -> None:
     tokenizer = train_builtin_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY_CONFIG)
-    torch.manual_seed(INIT_SEED)
-    model = LlamaForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):  # the run's set_seed stream stays as it was
+        torch.manual_seed(INIT_SEED)
+        model = LlamaForCausalLM(config)
     # Written directly rather than with model.save_pretrained, which writes nothing on ranks other
-    # than 0 once a process group exists, and every rank may be the one building this folder.
+    # than 0 once a process group exists, and every rank may be the one building this folder. The
+    # config records the architecture as save_pretrained would (TRL builds reference models from it).
+    model.config.architectures = [type(model).__name__]
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
     model.config.save_pretrained(folder)

@@ -1,16 +1,12 @@
-"""The PPO run config: the run config's sections plus `ppo` (the algorithm) and `grader` (the reward service)."""
+"""The `ppo` (the algorithm) and `grader` (the reward service) config sections, and the topology check."""
 from __future__ import annotations
 
-import os
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
-from distributed_ft.config.base import StrictModel
-from distributed_ft.config.schema import LoggingConfig, ModelConfig, OutputConfig, TrainingConfig
-from distributed_ft.data.config import DataConfig
 from distributed_ft.errors import ConfigError
-from distributed_ft.eval.config import EvalConfig
+from distributed_ft.strict import StrictModel
 
 
 class KLConfig(StrictModel):
@@ -69,50 +65,7 @@ class GraderSection(StrictModel):
         return self
 
 
-class PPORunConfig(StrictModel):
-    model: ModelConfig
-    data: DataConfig
-    strategy: Any
-    ppo: PPOConfig = PPOConfig()
-    grader: GraderSection
-    training: TrainingConfig = TrainingConfig(learning_rate=1e-4, lr_scheduler="constant")
-    logging: LoggingConfig = LoggingConfig()
-    eval: EvalConfig = EvalConfig(enabled=False)
-    output: OutputConfig = OutputConfig(dir="runs/ppo")
-
-
-def load_ppo_config(path: str | os.PathLike, overrides: list[str] | None = None) -> PPORunConfig:
-    """Read, override and validate a PPO config; every problem is a one-line ConfigError."""
-    from distributed_ft.config import load_sections
-
-    source = str(path)
-    config, strategy = load_sections(path, overrides, PPORunConfig,
-                                     required={"grader": "grader.config: <spec.yaml> or grader.urls: [...]"})
-    _check(config, strategy, source)
-    if config.grader.config is not None:
-        from distributed_ft.grader.spec import load_grader_spec
-
-        load_grader_spec(config.grader.config)  # fail before any model is loaded
-    return config
-
-
-def _check(config: PPORunConfig, strategy, source: str) -> None:
-    if config.model.task != "causal_lm":
-        raise ConfigError(f"{source}: PPO trains causal_lm models; model.task is {config.model.task}")
-    if not strategy.trains:
-        raise ConfigError(f"{source}: strategy '{strategy.name}' trains nothing; PPO needs a training strategy")
-    if config.training.max_steps == 0:
-        raise ConfigError(f"{source}: training.max_steps (PPO steps) is 0")
-    if config.data.packing:
-        raise ConfigError(f"{source}: data.packing does not apply to PPO prompts")
-    samples = config.ppo.rollout_batch_size * config.ppo.num_generations
-    mb = config.ppo.minibatch_size
-    if mb is not None and samples % mb:
-        raise ConfigError(f"{source}: ppo.minibatch_size {mb} does not divide the {samples} samples per step "
-                          f"(rollout_batch_size x num_generations)")
-
-
-def check_topology(config: PPORunConfig, world: int) -> tuple[int, int]:
+def check_topology(config, world: int) -> tuple[int, int]:
     """(minibatch size over all ranks, number of minibatches per epoch) for `world` ranks, or a ConfigError."""
     ppo, training = config.ppo, config.training
     if ppo.rollout_batch_size % world:

@@ -1,6 +1,6 @@
 """The reward side of PPO: a grader server started for the run (or given by URL) and non-blocking requests.
 
-With `grader.config` the main process starts `python -m distributed_ft.grader serve` on a free port, every
+With `grader.config` the main process starts `python -m distributed_ft grader serve` on a free port, every
 rank learns the URL by broadcast, and the server is stopped when the run ends (also on errors). Requests run
 on a background thread so the reference and value forward passes overlap the grading round trip.
 """
@@ -33,7 +33,7 @@ class LocalGraderProcess:
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
-        cmd = [sys.executable, "-m", "distributed_ft.grader", "serve", "--config", str(spec_path),
+        cmd = [sys.executable, "-m", "distributed_ft", "grader", "serve", "--config", str(spec_path),
                "--host", host, "--port", str(self.port), "--log-level", "warning"]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,

@@ -13,10 +13,6 @@ import torch
 Reduce = Callable[[torch.Tensor], torch.Tensor] | None
 
 
-def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum()
-
-
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce = None) -> torch.Tensor:
     totals = torch.stack([(x * mask).sum(), mask.sum()]).double()
     if reduce is not None:

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
-from distributed_ft.engine.checkpoint import CheckpointManager, resolve_resume
 from distributed_ft.engine.distributed import uses_deepspeed
 from distributed_ft.engine.logging import logger
-from distributed_ft.engine.signals import StopRequest
+from distributed_ft.engine.loop import LoopControl
 from distributed_ft.rl import math as M
 from distributed_ft.rl.prompts import PromptStream
 from distributed_ft.rl.rollout import Rollout, decode, encode_queries, generate, response_mask, score_tokens
@@ -34,16 +33,15 @@ class PPOResult:
 
 class PPOTrainer:
     def __init__(self, *, config, accelerator, model, optimizer, scheduler, reference, tokenizer, prompts,
-                 grader, run_dir: Path, run_logger, seed: int | None = None):
+                 grader, run_dir: Path, run_logger):
         self.config, self.ppo, self.training = config, config.ppo, config.training
         self.acc, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.reference = reference  # None: the policy with its adapter disabled
         self.tokenizer, self.prompts, self.grader = tokenizer, prompts, grader
         self.run_dir, self.log = Path(run_dir), run_logger
-        self.seed = config.training.seed if seed is None else seed
+        self.seed = config.training.seed
         self.kl_ctl = M.build_kl_controller(self.ppo.kl)
         self.stream = PromptStream(len(prompts.train) if prompts else 1, self.seed)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", accelerator, self.training.keep_checkpoints)
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
 
     # -- collectives -----------------------------------------------------------------------------------------
@@ -225,25 +223,17 @@ class PPOTrainer:
     def state(self) -> dict:
         return {"kl_controller": self.kl_ctl.state_dict(), "prompts": self.stream.state_dict()}
 
-    def save_checkpoint(self, step: int) -> Path:
-        return self.checkpoints.save(step, self.state())
-
     def train(self) -> PPOResult:
         from distributed_ft.grader.client import GraderUnavailable
 
         ppo, training = self.ppo, self.training
-        self.checkpoints.clean_incomplete()
         result = PPOResult(step=0)
-        resume = resolve_resume(training.resume_from, self.checkpoints.root)
-        if resume is not None:
-            state = self.checkpoints.load(resume)
-            self.kl_ctl.load_state_dict(state["kl_controller"])
-            self.stream.load_state_dict(state["prompts"])
-            result.step, result.resumed_from = state["step"], str(resume)
-            logger.info(f"resumed from {resume} at step {result.step}")
-        self.log.rewind(result.step)
-        stop = StopRequest()
-        try:
+        with LoopControl(self.acc, training, self.run_dir, self.log) as loop:
+            resumed = loop.resume()
+            if resumed is not None:
+                self.kl_ctl.load_state_dict(resumed.state["kl_controller"])
+                self.stream.load_state_dict(resumed.state["prompts"])
+                result.step, result.resumed_from = resumed.step, resumed.folder
             while result.step < training.max_steps:
                 started = time.perf_counter()
                 timings: dict[str, float] = {}
@@ -252,7 +242,7 @@ class PPOTrainer:
                 counts = self._sum(torch.tensor([len(entries), float((1 - ro.scorable).sum())], dtype=torch.float64))
                 rate = float(counts[1] / counts[0])
                 if rate > ppo.unscorable_threshold:
-                    folder = self.save_checkpoint(result.step)
+                    folder = loop.save(result.step, self.state())
                     errors = sorted({e for e in ro.errors if e})[:1]
                     raise GraderUnavailable(
                         f"{int(counts[1])}/{int(counts[0])} samples unscorable at step {result.step + 1} "
@@ -283,17 +273,9 @@ class PPOTrainer:
                 self._log(row)
                 if result.step % ppo.sample_every == 0 or result.step == 1:
                     self._log_samples(result.step, ro)
-                flag = self._sum(torch.tensor([1.0 if stop.requested else 0.0]))
-                if flag[0] > 0:
-                    result.stopped_by = stop.signal_name or "signal on another rank"
-                    self.save_checkpoint(result.step)
-                    logger.info(f"stopping at step {result.step} ({result.stopped_by}); checkpoint saved")
+                if loop.end_of_step(result.step, self.state):
+                    result.stopped_by = loop.stopped_by
                     break
-                every = training.checkpoint_every
-                if every and result.step % every == 0 and result.step < training.max_steps:
-                    self.save_checkpoint(result.step)
-        finally:
-            stop.restore()
         return result
 
     def _rollout_stats(self, ro: Rollout, counts, rate: float) -> dict:
@@ -304,10 +286,10 @@ class PPOTrainer:
         s = self._sum(torch.stack([
             (ro.scores * ok).sum(), (ro.scores ** 2 * ok).sum(), ok.sum(), seq_kl.sum(), lengths.sum(),
             ent, ro.mask.sum()]).double())
-        n_ok, n = max(float(s[2]), 1.0), float(counts[0])
-        mean = float(s[0]) / n_ok
-        var = max(float(s[1]) / n_ok - mean * mean, 0.0)
-        return {"reward_mean": mean, "reward_std": var ** 0.5, "kl": float(s[3]) / n,
+        n_ok, n = float(s[2]), float(counts[0])
+        mean = float(s[0]) / n_ok if n_ok else None  # no sample scored: no mean reward, never a made-up 0
+        std = max(float(s[1]) / n_ok - mean * mean, 0.0) ** 0.5 if n_ok else None
+        return {"reward_mean": mean, "reward_std": std, "kl": float(s[3]) / n,
                 "rollout_entropy": float(s[5]) / max(float(s[6]), 1.0), "response_length": float(s[4]) / n,
                 "unscorable_rate": rate, "unscorable": int(counts[1]), "samples": int(n)}
 
@@ -315,10 +297,8 @@ class PPOTrainer:
         step = row["step"]
         if step % self.config.logging.log_every == 0 or step == 1 or step == self.training.max_steps:
             self.log.log(row)
-        bar = getattr(self.log, "bar", None)
-        if bar is not None:
-            bar.update(step - bar.n)
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.3f}", refresh=False)
+        reward = row["reward_mean"]
+        self.log.progress(step, reward="n/a" if reward is None else f"{reward:.3f}", kl=f"{row['kl']:.3f}")
 
     def _log_samples(self, step: int, ro: Rollout) -> None:
         if not self.acc.is_main_process or not self.ppo.num_logged_samples:

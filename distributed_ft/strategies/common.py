@@ -6,26 +6,27 @@ import os
 from torch import nn
 
 from distributed_ft.errors import ConfigError
+from distributed_ft.tasks import get_task
 
-TASKS = ("causal_lm", "sequence_classification", "regression")
 # Written next to every adapter folder so the base model can be rebuilt exactly (task, labels, pad id).
 BASE_INFO_FILE = "base_model.json"
-
-
-def check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ConfigError(f"unknown model task '{task}'; expected one of: {', '.join(TASKS)}")
-
-
-def is_classifier_task(task: str) -> bool:
-    return task in ("sequence_classification", "regression")
 
 
 def peft_task_type(task: str):
     from peft import TaskType
 
-    check_task(task)
-    return TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS
+    return TaskType.SEQ_CLS if get_task(task).has_head else TaskType.CAUSAL_LM
+
+
+def apply_peft(model: nn.Module, peft_config, task: str, strategy: str) -> nn.Module:
+    """Wrap `model` with a PEFT method; a config PEFT refuses (e.g. absent target modules) is one line."""
+    from peft import get_peft_model
+
+    model._dft_task = task
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as err:
+        raise ConfigError(f"strategy '{strategy}': {str(err).splitlines()[0]}") from None
 
 
 def numel(param: nn.Parameter) -> int:

@@ -9,7 +9,8 @@ from torch import nn
 
 from distributed_ft.errors import ModelError
 from distributed_ft.strategies import bottleneck
-from distributed_ft.strategies.common import BASE_INFO_FILE, TASKS
+from distributed_ft.strategies.common import BASE_INFO_FILE
+from distributed_ft.tasks import MODEL_TASKS as TASKS
 
 
 def task_from_config(config: Any) -> str | None:

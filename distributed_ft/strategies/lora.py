@@ -6,10 +6,9 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from distributed_ft.config.base import StrictModel
-from distributed_ft.errors import ConfigError
-from distributed_ft.strategies.common import peft_saver, peft_task_type
+from distributed_ft.strategies.common import apply_peft, peft_saver, peft_task_type
 from distributed_ft.strategies.registry import register
+from distributed_ft.strict import StrictModel
 
 
 class LoraStrategyConfig(StrictModel):
@@ -27,17 +26,13 @@ class LoraStrategyConfig(StrictModel):
 
 
 def apply(model: nn.Module, cfg: LoraStrategyConfig, task: str) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     peft_cfg = LoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
         use_dora=cfg.use_dora, use_rslora=cfg.use_rslora, bias=cfg.bias,
         modules_to_save=cfg.modules_to_save, task_type=peft_task_type(task))
-    model._dft_task = task
-    try:
-        return get_peft_model(model, peft_cfg)
-    except ValueError as err:  # e.g. target modules not found in the model
-        raise ConfigError(f"strategy 'lora': {str(err).splitlines()[0]}") from None
+    return apply_peft(model, peft_cfg, task, "lora")
 
 
 register("lora", description="LoRA/DoRA/rsLoRA adapters through PEFT", config_cls=LoraStrategyConfig,

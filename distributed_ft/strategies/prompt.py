@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import string
-from typing import Literal
+from typing import Callable, Literal
 
 from pydantic import Field, field_validator
 from torch import nn
 
-from distributed_ft.config.base import StrictModel
 from distributed_ft.errors import DataError
-from distributed_ft.strategies.common import check_task, freeze_all
+from distributed_ft.strategies.common import freeze_all
 from distributed_ft.strategies.registry import register
+from distributed_ft.strict import StrictModel
+from distributed_ft.tasks import get_task
 
 
 class PromptConfig(StrictModel):
@@ -44,11 +45,20 @@ def build_prompt(cfg: PromptConfig, query: str, shots: list[tuple[str, str]]) ->
     return cfg.shot_separator.join(parts)
 
 
+def build_few_shot_records(cfg: PromptConfig, records: list[dict],
+                           solved_examples: Callable[[str, int], list[tuple[str, str]]]) -> list[dict]:
+    """Generation records with their prompts rebuilt for prompting: the instruction, `few_shot` solved
+    (input, answer) examples of the record's own task (`solved_examples(task, n)`), then the query."""
+    shots = {task: solved_examples(task, cfg.few_shot) if cfg.few_shot else [] for task in {r["task"] for r in records}}
+    return [{**r, "prompt": build_prompt(cfg, r["prompt"], shots[r["task"]])} if "prompt" in r else r
+            for r in records]
+
+
 def apply(model: nn.Module, cfg: PromptConfig, task: str) -> nn.Module:
-    check_task(task)
+    get_task(task)  # an unknown task is a one-line error
     freeze_all(model)
     return model
 
 
 register("prompt", description="zero-/few-shot prompting; no weight trains", config_cls=PromptConfig,
-         apply=apply, trains=False)
+         apply=apply, trains=False, few_shot=True)

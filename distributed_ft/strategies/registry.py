@@ -1,4 +1,8 @@
-"""The strategy registry: a plain dict of name -> Strategy, filled by explicit register() calls."""
+"""The strategy registry: a plain dict of name -> Strategy, filled by explicit register() calls.
+
+A strategy declares what it supports (training, packing, few-shot prompts); code elsewhere asks
+these capabilities and never compares strategy names.
+"""
 from __future__ import annotations
 
 import difflib
@@ -7,8 +11,8 @@ from typing import Any, Callable
 
 from torch import nn
 
-from distributed_ft.config.base import StrictModel
 from distributed_ft.errors import ConfigError
+from distributed_ft.strict import StrictModel, parse_section
 
 
 @dataclass(frozen=True)
@@ -16,29 +20,42 @@ class Strategy:
     name: str
     description: str
     config_cls: type[StrictModel]
-    # apply(model, config, task) -> model to train; `task` is the model task
-    # ("causal_lm", "sequence_classification", "regression").
+    # apply(model, config, task) -> model to train; `task` is the model task (distributed_ft.tasks).
     apply: Callable[[nn.Module, Any, str], nn.Module]
     trains: bool = True
     # save(model, out_dir, state_dict) writes the final model/adapter; None means model.save_pretrained.
     save: Callable[[nn.Module, str, dict | None], None] | None = None
+    # packed rows keep examples apart through position ids; virtual-token methods drop them
+    supports_packing: bool = True
+    # evaluation prompts are built from solved training examples (zero-/few-shot prompting)
+    few_shot: bool = False
 
 
 _REGISTRY: dict[str, Strategy] = {}
+# Older spellings: alias -> function turning its config section into a registered strategy's.
+_ALIASES: dict[str, Callable[[dict], dict]] = {}
 
 
 def register(name: str, *, description: str, config_cls: type[StrictModel],
              apply: Callable[[nn.Module, Any, str], nn.Module], trains: bool = True,
-             save: Callable[[nn.Module, str, dict | None], None] | None = None) -> Strategy:
+             save: Callable[[nn.Module, str, dict | None], None] | None = None,
+             supports_packing: bool = True, few_shot: bool = False) -> Strategy:
     if name != name.lower() or not name.replace("_", "").isalnum():
         raise ValueError(f"strategy name must be lower-case letters, digits or '_': {name!r}")
-    if name in _REGISTRY:
+    if name in _REGISTRY or name in _ALIASES:
         raise ValueError(f"strategy {name!r} is already registered")
     if "name" not in config_cls.model_fields:
         raise ValueError(f"config class of strategy {name!r} needs a 'name' field")
-    strategy = Strategy(name, description, config_cls, apply, trains, save)
+    strategy = Strategy(name, description, config_cls, apply, trains, save, supports_packing, few_shot)
     _REGISTRY[name] = strategy
     return strategy
+
+
+def register_alias(name: str, resolve: Callable[[dict], dict]) -> None:
+    """`name` keeps loading: `resolve` rewrites its config section into a registered strategy's."""
+    if name in _REGISTRY or name in _ALIASES:
+        raise ValueError(f"strategy {name!r} is already registered")
+    _ALIASES[name] = resolve
 
 
 def get_strategy(name: str) -> Strategy:
@@ -51,3 +68,21 @@ def get_strategy(name: str) -> Strategy:
 
 def registered() -> dict[str, Strategy]:
     return dict(sorted(_REGISTRY.items()))
+
+
+def parse_strategy_section(raw: Any, source: str) -> tuple[Strategy, StrictModel]:
+    """The `strategy` section of a run config (a name, or a mapping with `name` and options), validated
+    by the strategy's own config model. Aliases resolve first. Returns (strategy, config)."""
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict) or "name" not in raw:
+        raise ConfigError(f"{source}: section 'strategy' needs a 'name' (see `dft strategies`)")
+    name = str(raw["name"])
+    if name in _ALIASES:
+        try:
+            raw = _ALIASES[name](dict(raw))
+        except ValueError as err:
+            raise ConfigError(f"{source}: section 'strategy': {err}") from None
+        name = str(raw["name"])
+    strategy = get_strategy(name)
+    return strategy, parse_section(strategy.config_cls, raw, source, prefix=("strategy",))

@@ -7,11 +7,11 @@ from typing import Literal
 from pydantic import Field, field_validator
 from torch import nn
 
-from distributed_ft.config.base import StrictModel
 from distributed_ft.errors import ConfigError
-from distributed_ft.strategies.common import (check_task, find_blocks, freeze_all, head_module,
-                                              is_classifier_task, save_hf_folder)
+from distributed_ft.strategies.common import find_blocks, freeze_all, head_module, save_hf_folder
 from distributed_ft.strategies.registry import register
+from distributed_ft.strict import StrictModel
+from distributed_ft.tasks import get_task
 
 _SELECTORS = ("layers", "top_k", "bottom_k", "patterns", "biases", "norms", "head", "embeddings")
 
@@ -70,7 +70,7 @@ def _block_params(model: nn.Module, cfg: SelectiveConfig) -> tuple[dict[str, lis
 
 def select_parameters(model: nn.Module, cfg: SelectiveConfig, task: str) -> list[nn.Parameter]:
     """The parameters the config selects; ConfigError when a selector matches nothing."""
-    check_task(task)
+    get_task(task)  # an unknown task is a one-line error
     if not _selected(cfg):
         raise ConfigError("strategy 'selective' selects nothing: set at least one of " + ", ".join(_SELECTORS))
     found, _ = _block_params(model, cfg)
@@ -87,7 +87,7 @@ def select_parameters(model: nn.Module, cfg: SelectiveConfig, task: str) -> list
     if cfg.norms:
         found["norms"] = [p for m in model.modules() if "norm" in type(m).__name__.lower()
                           for p in m.parameters(recurse=False)]
-    train_head = cfg.head if cfg.head is not None else is_classifier_task(task)
+    train_head = cfg.head if cfg.head is not None else get_task(task).has_head
     if train_head:
         head = head_module(model)
         found["head"] = list(head[1].parameters()) if head else []

@@ -15,7 +15,7 @@ def start_grader(spec: str, port: int | None = None, env: dict | None = None):
     from distributed_ft.rl.grading import free_port
 
     port = port or free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "distributed_ft.grader", "serve", "--config", spec,
+    proc = subprocess.Popen([sys.executable, "-m", "distributed_ft", "grader", "serve", "--config", spec,
                              "--port", str(port), "--log-level", "warning"], cwd=REPO,
                             env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

@@ -16,6 +16,7 @@ import pytest
 from distributed_ft.grader.client import GraderClient, GraderUnavailable
 from distributed_ft.grader.engine import grade_entries, load_grader
 from distributed_ft.grader.sandbox import probe_sandbox
+from tests.conftest import skip_or_fail_in_ci
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +54,7 @@ def _free_port() -> int:
 
 
 class Server:
-    """`python -m distributed_ft.grader serve` in a child process."""
+    """`python -m distributed_ft grader serve` in a child process."""
 
     def __init__(self, config: Path, port: int, log: Path, token: str | None = None, log_level: str = "warning"):
         self.config, self.port, self.log, self.token, self.log_level = config, port, log, token, log_level
@@ -66,7 +67,7 @@ class Server:
         if self.token:
             env["DFT_GRADER_TOKEN"] = self.token
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "distributed_ft.grader", "serve", "--config", str(self.config),
+            [sys.executable, "-m", "distributed_ft", "grader", "serve", "--config", str(self.config),
              "--port", str(self.port), "--log-level", self.log_level],
             cwd=ROOT, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
         return self
@@ -94,7 +95,7 @@ def _write(path: Path, spec: dict) -> Path:
 @pytest.fixture(scope="module")
 def multi_server(tmp_path_factory):
     if probe_sandbox() is not None:
-        pytest.skip(f"no sandbox here: {probe_sandbox()}")
+        skip_or_fail_in_ci(f"no sandbox here: {probe_sandbox()}")
     tmp = tmp_path_factory.mktemp("grader")
     cfg = _write(tmp / "multi.json", MULTI)
     server = Server(cfg, _free_port(), tmp / "server.log", log_level="info").start()
@@ -140,8 +141,8 @@ def test_sandbox_faults_over_http_keep_server_serving(multi_server, tmp_path):
     bad = {t: r for t, r in zip(texts, res) if r.reward is None}
     assert set(bad) == {"loop", "alloc", "net", "write"}
     assert "time limit" in bad["loop"].error
-    assert "Network is unreachable" in bad["net"].error
-    assert "Read-only file system" in bad["write"].error and not outside.exists()
+    assert "Connection refused" in bad["net"].error  # the sandbox has only its own loopback
+    assert bad["write"].error and not outside.exists()  # the host's folders do not exist inside
     assert res[0].reward == pytest.approx(0.5 + 0.3 * 1.0 + 0.2 * 5 / 40)
     health = httpx.get(f"{multi_server.url}/health").json()
     assert health["ready"] and health["samples"] >= len(texts) and health["unscorable"] >= 4

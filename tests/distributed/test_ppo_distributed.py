@@ -80,7 +80,7 @@ def test_resume_repeats_the_same_steps(learned, tmp_path):
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["prompts"]["position"] == 4 * 16
     out = tmp_path / "resumed"
-    run_ppo(ZERO2, out, *LEARN, f"training.resume_from={checkpoint}")
+    proc = run_ppo(ZERO2, out, *LEARN, f"training.resume_from={checkpoint}")
     resumed, straight = rows(out), rows(learned)
     assert [r["step"] for r in resumed] == [5, 6, 7, 8]
     for a, b in zip(resumed, straight[4:]):
@@ -88,9 +88,19 @@ def test_resume_repeats_the_same_steps(learned, tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
-    # The grader the run started was stopped with it.
-    log = (out / "grader.log")
-    assert log.is_file()
+    # The grader the run started was stopped with it: the process it logged is gone and its port is closed.
+    # (Planted bug seen failing: LocalGraderProcess.stop doing nothing, which leaves the grader running.)
+    import re
+    import socket
+
+    assert (out / "grader.log").is_file()
+    started = re.findall(r"grader: started \S+ at http://[^:\s]+:(\d+) \(pid (\d+)", proc.stderr)
+    assert len(started) == 1, proc.stderr[-3000:]
+    port, pid = int(started[0][0]), int(started[0][1])
+    status = Path(f"/proc/{pid}/status")  # gone, or a zombie waiting to be reaped
+    assert not status.exists() or "\nState:\tZ" in status.read_text(), f"the grader (pid {pid}) outlived the run"
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
 def _probe(launch: list[str], out: Path, micro: int) -> tuple[dict, dict]:

@@ -94,3 +94,152 @@ def test_dead_grader_aborts_with_checkpoint_and_message(tmp_path):
     latest = latest_checkpoint(out / "checkpoints")
     state = json.loads((latest / "trainer_state.json").read_text())
     assert state["step"] == len(rows(out)) >= 3
+
+
+# A python grader slow enough (0.1 s a sample, 1.6 s for a step's request) to be killed mid-request.
+SLOW_GRADER = '''\
+type: python
+name: slow_letters
+source: |
+  import time
+
+  def grade(sample, item):
+      time.sleep(0.1)
+      out = sample["output_text"].replace(" ", "")
+      if not out:
+          return 0.0
+      want = set(item["reference"].replace(" ", ""))
+      return sum(c in want for c in out) / len(out)
+timeout_s: 10
+memory_mb: 512
+workers: 1
+'''
+SAMPLES_PER_STEP = 16  # rollout_batch_size 8 x num_generations 2
+
+
+class GradeWatch:
+    """A TCP relay in front of the grader (the trainer's grader.urls points here) that tells when a /grade
+    request has been handed to the grader, whatever the client or the grader's sandbox do inside. When the
+    grader goes away the relay drops the trainer's connection, as the dead server's socket would."""
+
+    def __init__(self, grader_port: int):
+        import socket
+        import threading
+
+        self.grader_port = grader_port
+        self.armed, self.forwarded = threading.Event(), threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.grader_port), timeout=5)
+            except OSError:  # the grader is down: the trainer sees its connection closed
+                client.close()
+                continue
+            upstream.settimeout(None)
+            for src, dst, watch in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(src, dst, watch), daemon=True).start()
+
+    def _pump(self, src, dst, watch: bool) -> None:
+        import socket
+
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+                if watch and self.armed.is_set() and b"POST /grade" in data:
+                    self.forwarded.set()
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def _samples(out: Path) -> dict[int, list]:
+    by_step: dict[int, list] = {}
+    for line in (out / "samples.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        by_step.setdefault(row["step"], []).append(row["reward"])
+    return by_step
+
+
+@pytest.fixture(scope="module")
+def grader_killed_mid_request(tmp_path_factory):
+    """PPO for 4 steps against an external grader that is SIGKILLed while it serves step 3's /grade request
+    (that request's retry finds it gone too), then restarted on the same port once step 3 is logged."""
+    import signal
+
+    from distributed_ft.rl.grading import free_port
+
+    tmp = tmp_path_factory.mktemp("grader-killed")
+    spec = tmp / "slow_letters.yaml"
+    spec.write_text(SLOW_GRADER)
+    port = free_port()
+    grader, _ = start_grader(str(spec), port, env=ENV)
+    watch = GradeWatch(port)
+    out = tmp / "run"
+    run = _launch(out, watch.url, "training.max_steps=4", "ppo.unscorable_threshold=1.0", "ppo.sample_every=1",
+                  f"ppo.num_logged_samples={SAMPLES_PER_STEP}")
+    try:
+        _wait_rows(out, 2, run)  # steps 1 and 2 graded; the next /grade request is step 3's
+        watch.armed.set()
+        assert watch.forwarded.wait(120) and run.poll() is None, "step 3's request never reached the grader"
+        time.sleep(0.3)  # the grader is inside the request (it takes 1.6 s)
+        os.kill(grader.pid, signal.SIGKILL)
+        grader.wait()
+        logged_at_kill = len(rows(out))
+        _wait_rows(out, 3, run)
+        run.send_signal(signal.SIGSTOP)  # held while the grader comes back, so what follows finds it up
+        try:
+            grader, _ = start_grader(str(spec), port, env=ENV)
+        finally:
+            run.send_signal(signal.SIGCONT)
+        _, err = run.communicate(timeout=400)
+    finally:
+        if run.poll() is None:
+            run.kill()
+        stop(grader)
+        watch.close()
+    return {"out": out, "returncode": run.returncode, "err": err, "logged_at_kill": logged_at_kill}
+
+
+def test_grader_killed_mid_request_leaves_that_step_unscorable_not_zero(grader_killed_mid_request):
+    run = grader_killed_mid_request
+    out = run["out"]
+    assert run["returncode"] == 0, run["err"][-3000:]
+    assert run["logged_at_kill"] == 2  # the kill landed inside step 3's request
+    history = rows(out)
+    assert [r["step"] for r in history] == [1, 2, 3, 4]
+    assert [r["unscorable"] for r in history[:2]] == [0, 0]
+    step3 = history[2]
+    assert step3["samples"] == step3["unscorable"] == SAMPLES_PER_STEP and step3["unscorable_rate"] == 1.0
+    samples = _samples(out)
+    assert all(isinstance(r, float) for step in (1, 2) for r in samples[step])
+    assert samples[3] == [None] * SAMPLES_PER_STEP  # no reward at all, not a 0
+    report = json.loads((out / "eval" / "ppo_reward.json").read_text())
+    assert report["after"]["scored"] == 8 and report["after"]["unscorable"] == 0  # the restarted grader served
+
+
+def test_step_without_any_scored_sample_logs_no_mean_reward(grader_killed_mid_request):
+    """README: an unscorable sample is never a silent 0. A step where every sample is unscorable has no mean
+    reward; logging 0.0 puts a fake zero on the reward curve (wandb included)."""
+    step3 = rows(grader_killed_mid_request["out"])[2]
+    assert step3["unscorable_rate"] == 1.0
+    assert step3.get("reward_mean") is None and step3.get("reward_std") is None

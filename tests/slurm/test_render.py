@@ -2,7 +2,6 @@
 under stand-in srun/scontrol/python), and one-line errors for bad input."""
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import stat
@@ -98,8 +97,12 @@ def test_rendered_script_refuses_an_allocation_of_another_size(tmp_path):
     (dict(overrides=["training.bogus=1"]), "bogus"),
 ])
 def test_bad_input_is_one_line(change, message):
+    """The job's options and (as `dft slurm render` checks it) the run config fail before any script is written."""
+    from distributed_ft.config import load_config
+
+    spec = _spec(**change)
     with pytest.raises(ConfigError, match=re.escape(message)) as err:
-        render(_spec(**change))
+        render(spec, check_config=lambda: load_config(spec.config, spec.overrides))
     assert "\n" not in str(err.value)
 
 
@@ -121,10 +124,9 @@ def test_template_without_machine_rank_is_refused(tmp_path):
 
 
 def test_cli_render_and_submit_without_sbatch(tmp_path, monkeypatch, capsys):
-    from distributed_ft.cluster.cli import add_subparser
+    from distributed_ft.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    add_subparser(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     out = tmp_path / "job.sbatch"
     args = parser.parse_args(["slurm", "render", CONFIG, "training.max_steps=30", "--nodes", "2", "--gpus-per-node",
                               "4", "--requeue", "--log-dir", str(tmp_path / "logs"), "-o", str(out)])
@@ -141,5 +143,7 @@ def test_ppo_job_renders_from_its_template_and_needs_a_grader_node():
     assert "DEFAULT_ARGS=(configs/ppo/quickstart.yaml training.max_steps=5)" in text
     with pytest.raises(ConfigError, match="at least 2 for a ppo job"):
         validate(_spec(kind="ppo", config="configs/ppo/quickstart.yaml", nodes=1))
+    from distributed_ft.config import load_config
+
     with pytest.raises(ConfigError, match="grader"):  # an SFT config is not a PPO config
-        validate(_spec(kind="ppo", config=CONFIG))
+        validate(_spec(kind="ppo", config=CONFIG), check_config=lambda: load_config(CONFIG, kind="ppo"))

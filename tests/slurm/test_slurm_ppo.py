@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.slurm.cluster import TERMINAL, job_info, module_marks
@@ -99,8 +100,30 @@ def test_one_node_is_refused_before_anything_starts(tmp_path):
     assert not list(logs.glob("*-grader.out")) and not (tmp_path / "out").exists()
 
 
-def test_usr1_checkpoints_keeps_the_grader_up_requeues_and_resumes(tmp_path):
-    out, logs, steps = tmp_path / "out", tmp_path / "logs", 20
+REQUEUE_STEPS = 20
+# Wall-clock figures differ between any two runs; every other logged value must repeat.
+TIMING = ("grader_latency_s", "samples_per_s")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The requeue test's job, uninterrupted: its metrics are what the requeued job must reproduce."""
+    from distributed_ft.models.builtin import builtin_model_path
+
+    # Build the built-in model now, so neither job is the one that builds it: today a run that builds it
+    # continues from another random state (tests/distributed/test_reproducible_runs.py).
+    builtin_model_path()
+    tmp = tmp_path_factory.mktemp("ppo-reference")
+    out, logs = tmp / "out", tmp / "logs"
+    job = sbatch(["--nodes=2", "slurm/ppo.sbatch", "configs/ppo/quickstart.yaml", f"output.dir={out}",
+                  *OVERRIDES, f"training.max_steps={REQUEUE_STEPS}"], logs)
+    info = wait_for(job, timeout=300)
+    assert info["JobState"] == "COMPLETED", (logs / f"batch-{job}.out").read_text()
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_usr1_checkpoints_keeps_the_grader_up_requeues_and_resumes(tmp_path, uninterrupted):
+    out, logs, steps = tmp_path / "out", tmp_path / "logs", REQUEUE_STEPS
     job = sbatch(["--nodes=2", "slurm/ppo.sbatch", "configs/ppo/quickstart.yaml", f"output.dir={out}",
                   *OVERRIDES, f"training.max_steps={steps}"], logs)
     metrics = out / "metrics.jsonl"
@@ -129,3 +152,10 @@ def test_usr1_checkpoints_keeps_the_grader_up_requeues_and_resumes(tmp_path):
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert all(r["unscorable_rate"] == 0 for r in rows)
+    # Exactly the uninterrupted job's run: rewards, KL, losses, clip fractions, ... step by step.
+    assert [r["step"] for r in uninterrupted] == [r["step"] for r in rows]
+    for got, want in zip(rows, uninterrupted):
+        keys = sorted(k for k in want if not k.startswith("time/") and k not in TIMING)
+        assert sorted(k for k in got if not k.startswith("time/") and k not in TIMING) == keys
+        assert {k: got[k] for k in keys} == pytest.approx({k: want[k] for k in keys}, rel=1e-4, abs=1e-8), \
+            f"step {want['step']}"

@@ -33,7 +33,7 @@ def base_config(tmp_path, **changes):
 def test_strategies_lists_every_registered_strategy(capsys):
     assert main(["strategies"]) == 0
     out = capsys.readouterr().out
-    for name in ("full", "lora", "selective", "additive", "prompt"):
+    for name in ("full", "lora", "selective", "prefix_tuning", "prompt_tuning", "ia3", "adapters", "prompt"):
         line = next(line for line in out.splitlines() if line.startswith(name + " "))
         assert len(line.split(None, 1)[1]) > 10  # a description follows the name
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from distributed_ft.config.base import parse_section
+from distributed_ft.strict import parse_section
 from distributed_ft.data import build_data
 from distributed_ft.data.config import DataConfig, DatasetSpec
 from distributed_ft.errors import ConfigError, DataError
@@ -106,7 +106,7 @@ def test_wrong_kind_for_the_model(tmp_path):
     path.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
     msg = raised(DataError, build, [{"path": str(path), "format": "prompt_completion"}],
                  task_type="sequence_classification")
-    assert "generative" in msg and "classification" in msg
+    assert "generation rows" in msg and "classification" in msg
     assert "task 'qa'" in raised(DataError, build, [{"path": str(path)}], task_type="regression")
     bad = tmp_path / "scores.jsonl"
     bad.write_text(json.dumps({"text": "a", "value": "high"}) + "\n")

@@ -234,7 +234,7 @@ def test_packing_concatenates_whole_examples_and_resets_positions(tok):
     cfg = data_cfg(train=[{"builtin": "copy", "num_examples": 50}], max_length=64)
     plain = build_data(cfg, tok, task_type="causal_lm", seed=3)
     packed = build_data(cfg.model_copy(update={"packing": True}), tok, task_type="causal_lm", seed=3)
-    assert packed.packed and packed.stats["copy"]["sequences"] == len(packed.train) < len(plain.train)
+    assert packed.stats["copy"]["sequences"] == len(packed.train) < len(plain.train)
     assert [t for ex in packed.train for t in ex["input_ids"]] == [t for ex in plain.train for t in ex["input_ids"]]
     starts = 0
     for ex in packed.train:
@@ -298,11 +298,9 @@ def test_multitask_builtins_validation_fraction_is_disjoint_and_deterministic(to
     b = build_data(cfg, tok, task_type="causal_lm", seed=7)
     assert a.train == b.train and a.eval_records == b.eval_records
     assert a.tasks == names and a.task_sizes == [90] * 6 and a.weights == [1, 2, 3, 4, 5, 6]
-    assert len(a.validation) == len(a.eval_records) == 60
-    for task_id, name in enumerate(names):
-        lo = a.task_offsets[task_id]
-        assert all(ex["task_id"] == task_id for ex in a.train[lo:lo + 90])
-        assert a.task_of_example(lo) == task_id and a.task_of_example(lo + 89) == task_id
+    assert len(a.eval_records) == 60 and [r["task"] for r in a.eval_records] == [n for n in names for _ in range(10)]
+    # Train examples are stored task by task, in the order of data.train: the sampler indexes them so.
+    assert [ex["task_id"] for ex in a.train] == [t for t in range(6) for _ in range(90)]
     train_prompts = {tok.decode(ex["input_ids"][:ex["labels"].index(next(x for x in ex["labels"] if x != -100))])
                      for ex in a.train}
     held = [r["prompt"] for r in a.eval_records]
@@ -325,13 +323,12 @@ def test_builtin_validation_specs_exclude_training_inputs(tok):
         build_data(data_cfg(train=[{"builtin": "arithmetic"}]), tok, task_type="sequence_classification", seed=0)
 
 
-def test_validation_only_task_gets_its_own_task_id(tmp_path, tok):
+def test_validation_only_task_is_evaluated_under_its_own_name(tmp_path, tok):
     path = write_jsonl(tmp_path / "held.jsonl", [{"prompt": "copy: a b =", "completion": " a b"}])
     cfg = data_cfg(train=[{"builtin": "copy", "num_examples": 20}, {"builtin": "sort", "num_examples": 20}],
                    validation=[{"path": path}, {"builtin": "sort", "num_examples": 5}])
     bundle = build_data(cfg, tok, task_type="causal_lm", seed=0)
-    assert bundle.tasks == ["copy", "sort"] and bundle.task_names == ["copy", "sort", "held"]
-    assert [ex["task_id"] for ex in bundle.validation] == [2] + [1] * 5
+    assert bundle.tasks == ["copy", "sort"]
     assert [r["task"] for r in bundle.eval_records] == ["held"] + ["sort"] * 5
     assert bundle.validation_stats["held"]["kept"] == 1 and bundle.validation_stats["sort"]["kept"] == 5
 

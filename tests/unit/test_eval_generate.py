@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distributed_ft.eval.config import EvalConfig
-from distributed_ft.eval.errors import EvalError
+from distributed_ft.errors import EvalError
 from distributed_ft.eval.generate import (eval_loss, generate_predictions, plan_batches, predict_labels,
                                           reference_loss_batches, shard_range)
 from distributed_ft.eval.metrics import compute_metrics

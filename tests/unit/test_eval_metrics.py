@@ -10,7 +10,7 @@ from rouge_score.rouge_scorer import RougeScorer
 from sacrebleu.metrics import BLEU
 
 from distributed_ft.errors import DftError
-from distributed_ft.eval.errors import EvalError
+from distributed_ft.errors import EvalError
 from distributed_ft.eval.metrics import (METRICS, MetricOptions, compute_metrics, loss_and_perplexity,
                                          normalize_text, resolve_metrics)
 from distributed_ft.eval.predictions import score_prediction_pairs, score_predictions_file

@@ -5,11 +5,12 @@ import json
 
 import pytest
 
-from distributed_ft.config.base import parse_section
+from distributed_ft.strict import parse_section
 from distributed_ft.errors import ConfigError
-from distributed_ft.eval.cli import add_subparser, format_table
+from distributed_ft.cli import build_parser
+from distributed_ft.eval.predictions import format_table
 from distributed_ft.eval.config import EvalConfig
-from distributed_ft.eval.errors import EvalError
+from distributed_ft.errors import EvalError
 from distributed_ft.eval.report import config_hash, write_report
 from distributed_ft.eval.runner import EvalResult, TaskGroup, score_groups
 from distributed_ft.eval.metrics import MetricOptions
@@ -83,11 +84,7 @@ def test_eval_config_validates_metric_names():
 
 
 def _parser():
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="dft")
-    add_subparser(parser.add_subparsers(dest="command"))
-    return parser
+    return build_parser()
 
 
 def test_cli_scores_a_file(tmp_path, capsys):

@@ -117,18 +117,18 @@ def test_check_cli_prints_result_json(tmp_path, capsys):
                                "reference": "{{ item.ref }}", "evaluation_metric": "fuzzy_match"}))
     from rapidfuzz import fuzz
 
-    from distributed_ft.grader.cli import main
+    from distributed_ft.cli import main
 
-    assert main(["check", "--config", str(cfg), "--sample", HYP, "--item", json.dumps({"ref": REF})]) == 0
+    assert main(["grader", "check", "--config", str(cfg), "--sample", HYP, "--item", json.dumps({"ref": REF})]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == {"reward": pytest.approx(fuzz.ratio(HYP, REF) / 100), "sub_rewards": {}, "error": None}
-    assert main(["check", "--config", str(cfg), "--sample", HYP, "--item", "{}"]) == 1
+    assert main(["grader", "check", "--config", str(cfg), "--sample", HYP, "--item", "{}"]) == 1
     printed = json.loads(capsys.readouterr().out)
     assert printed["reward"] is None and "item has no field 'ref'" in printed["error"]
-    assert main(["validate", "--config", str(cfg)]) == 0
+    assert main(["grader", "validate", "--config", str(cfg)]) == 0
     cfg.write_text(json.dumps({"type": "text_similarity", "input": "x", "evaluation_metric": "bleu"}))
-    assert main(["validate", "--config", str(cfg)]) == 2
-    proc = subprocess.run([sys.executable, "-m", "distributed_ft.grader", "validate", "--config", str(cfg)],
+    assert main(["grader", "validate", "--config", str(cfg)]) == 2
+    proc = subprocess.run([sys.executable, "-m", "distributed_ft", "grader", "validate", "--config", str(cfg)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "missing required field 'reference'" in proc.stderr
 

@@ -11,8 +11,14 @@ from distributed_ft.errors import ConfigError
 from distributed_ft.grader.engine import build_grader, grade_entries
 from distributed_ft.grader.sandbox import probe_sandbox
 from distributed_ft.grader.spec import parse_grader_spec
+from tests.conftest import skip_or_fail_in_ci
 
-pytestmark = pytest.mark.skipif(probe_sandbox() is not None, reason=f"no sandbox here: {probe_sandbox()}")
+
+
+@pytest.fixture(autouse=True)
+def _needs_the_sandbox():
+    if probe_sandbox() is not None:
+        skip_or_fail_in_ci(f"no sandbox here: {probe_sandbox()}")
 
 SOURCE = '''
 import os, socket
@@ -79,8 +85,8 @@ def test_each_limit_fails_only_its_sample(grader, tmp_path):
     assert by_mode["local"].reward == 1.0  # its own folder is writable, and cleared between samples
     assert "time limit of 1s" in by_mode["loop"].error
     assert "MemoryError" in by_mode["alloc"].error or "died" in by_mode["alloc"].error
-    assert "Network is unreachable" in by_mode["net"].error
-    assert "Read-only file system" in by_mode["write"].error and not outside.exists()
+    assert "Connection refused" in by_mode["net"].error  # only the sandbox's own loopback exists
+    assert by_mode["write"].error and not outside.exists()  # the host's folders do not exist inside
     assert "exit code 7" in by_mode["exit"].error
     assert "expected a number" in by_mode["text"].error
     for mode in ("loop", "alloc", "net", "write", "exit", "text"):
@@ -114,3 +120,46 @@ def test_refuses_without_sandbox_unless_opted_out(monkeypatch):
         assert grade_entries(g, [{"sample": {"output_text": "x"}, "item": {}}])[0].reward == 0.5
     finally:
         g.close()
+
+
+READER = '''
+import os
+
+def grade(sample, item):
+    path = sample["output_text"]
+    if path == "numpy":
+        import numpy
+        return float(numpy.arange(4).sum())
+    if path == "long":
+        raise ValueError("x" * 5000)
+    if os.path.isdir(path):
+        return float(len(os.listdir(path)))
+    with open(path) as fh:
+        return float(len(fh.read()))
+'''
+
+
+def test_the_sandbox_sees_only_its_allowlist(tmp_path):
+    """Files of the host (secrets, the home folder, the checkout) do not exist inside, while a grader that
+    imports numpy still scores. Planted bug seen failing: /etc and /root bound into the sandbox."""
+    from pathlib import Path
+    import secrets
+
+    import distributed_ft
+    from distributed_ft.grader.sandbox import ERROR_TEXT_CAP
+
+    token = Path.home() / f".dft-sandbox-test-token-{secrets.token_hex(4)}"
+    token.write_text("hf_secret")
+    repo_file = Path(distributed_ft.__file__).resolve().parents[1] / "README.md"
+    secret_paths = ["/etc/shadow", "/etc/passwd", "/root", str(Path.home()), str(token), str(repo_file),
+                    str(Path(distributed_ft.__file__)), os.path.join(os.sys.prefix, "pyvenv.cfg")]
+    g = build_grader(parse_grader_spec({"type": "python", "source": READER, "workers": 1, "timeout_s": 10}))
+    try:
+        res = grade_entries(g, [{"sample": {"output_text": p}, "item": {}} for p in secret_paths + ["numpy", "long"]])
+    finally:
+        g.close()
+        token.unlink()
+    for path, result in zip(secret_paths, res):
+        assert result.reward is None and "FileNotFoundError" in result.error, (path, result)
+    assert res[-2].reward == 6.0
+    assert res[-1].reward is None and len(res[-1].error) == ERROR_TEXT_CAP and "ValueError: xxx" in res[-1].error

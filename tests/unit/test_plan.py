@@ -2,7 +2,6 @@
 estimate against memory measured on CPU."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -98,13 +97,12 @@ def test_trainable_counts_on_meta_device_equal_the_real_model(tmp_path, strategy
 
 
 def test_cli_prints_every_stage_and_a_launch_config(tmp_path, capsys):
-    from distributed_ft.cluster.cli import add_subparser
+    from distributed_ft.cli import build_parser
 
     config_path = tmp_path / "run.yaml"
     config_path.write_text(f"model: {{name_or_path: {_weights_free_model_dir(tmp_path)}}}\n"
                            "data: {train: [{builtin: copy}], max_length: 64}\nstrategy: full\n")
-    parser = argparse.ArgumentParser()
-    add_subparser(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(["plan", str(config_path), "--gpus", "2", "--gpu-memory", "16", "--json"])
     assert args.func(args) == 0
     out = json.loads(capsys.readouterr().out)

@@ -32,21 +32,38 @@ def test_gae_gamma_lambda_one_gives_reward_to_go_minus_value():
 
 
 def test_whiten_masked_and_through_a_reduce():
+    """Masked whitening by hand, then whitening split over two simulated ranks whose reduce really adds the
+    other rank's statistics equals whitening the whole batch in one process. Planted bugs seen failing:
+    whiten ignoring `reduce` (local statistics); ranks combining their means and variances instead of the
+    sums (wrong with uneven masks); the variance taken over masked-out entries too."""
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     out = M.whiten(x, mask)
     # mean 2, unbiased variance 1
     assert out[0].tolist() == pytest.approx([-1.0, 0.0, 1.0, 0.0], abs=1e-6)
-    # Two "ranks" holding halves of [1, 2, 3, 4] whiten like one rank holding all of it.
-    a, b = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0]])
-    ones = torch.ones(1, 2)
-    pa = torch.stack([(a * ones).sum(), (a * a).sum(), ones.sum()]).double()
-    pb = torch.stack([(b * ones).sum(), (b * b).sum(), ones.sum()]).double()
-    both = pa + pb
-    calls = iter([both])
-    out_a = M.whiten(a, ones, reduce=lambda t: next(calls))
-    full = M.whiten(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.ones(1, 4))
-    assert out_a[0].tolist() == pytest.approx(full[0, :2].tolist(), abs=1e-6)
+
+    gen = torch.Generator().manual_seed(0)
+    whole = torch.randn(6, 5, generator=gen) * 3 + 1
+    whole_mask = (torch.rand(6, 5, generator=gen) > 0.3).float()
+    whole_mask[:2, :] = 1.0  # rank 0 holds many more real tokens than rank 1: uneven counts
+    whole_mask[2:, 3:] = 0.0
+    halves = [(whole[:2], whole_mask[:2]), (whole[2:], whole_mask[2:])]
+    for shift_mean in (True, False):
+        expected = M.whiten(whole, whole_mask, shift_mean=shift_mean)
+        # Each rank's local statistics, as it hands them to the all-reduce ...
+        local = []
+        for xr, mr in halves:
+            seen = []
+            M.whiten(xr, mr, reduce=lambda t: seen.append(t.clone()) or t, shift_mean=shift_mean)
+            assert len(seen) == 1, "whiten did not hand its statistics to reduce"
+            local.append(seen[0])
+        # ... and the all-reduce sum: its own statistics (the argument) plus the other rank's.
+        outs = [M.whiten(xr, mr, reduce=lambda t, other=local[1 - r]: t + other, shift_mean=shift_mean)
+                for r, (xr, mr) in enumerate(halves)]
+        torch.testing.assert_close(torch.cat(outs), expected, rtol=1e-5, atol=1e-6)
+        alone = M.whiten(*halves[1], shift_mean=shift_mean)  # the reduce matters for this data
+        assert not torch.allclose(alone, expected[2:], atol=1e-3)
+    assert float((expected * (1 - whole_mask)).abs().sum()) == 0.0  # masked entries stay 0
 
 
 def test_masked_mean():

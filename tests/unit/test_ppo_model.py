@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _build(tmp_path, strategy: str, *extra: str):
-    from distributed_ft.ppo import PPORun
+    from distributed_ft.recipes.ppo import PPORun
 
     overrides = [f"output.dir={tmp_path / strategy}", "grader.config=null", "grader.urls=[http://127.0.0.1:9]",
                  f"strategy.name={strategy}", "data.train.0.num_examples=40", *extra]

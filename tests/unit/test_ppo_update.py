@@ -32,7 +32,7 @@ class FakeGrader:
 
 
 def _run(tmp_path, *extra):
-    from distributed_ft.ppo import PPORun
+    from distributed_ft.recipes.ppo import PPORun
 
     overrides = [f"output.dir={tmp_path / 'run'}", "grader.config=null", "grader.urls=[http://127.0.0.1:9]",
                  "data.train.0.num_examples=40", "ppo.rollout_batch_size=4", "ppo.num_generations=2",

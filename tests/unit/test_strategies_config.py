@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from distributed_ft.config.base import parse_section
+from distributed_ft.strict import parse_section
 from distributed_ft.errors import ConfigError, DataError, ModelError
 from distributed_ft.strategies import build_prompt, count_parameters, get_strategy, load_trained, registered
 from distributed_ft.strategies.common import find_blocks
@@ -43,7 +43,8 @@ def one_line(err: pytest.ExceptionInfo) -> str:
 
 
 def test_all_strategies_registered():
-    assert set(registered()) == {"full", "lora", "selective", "additive", "prompt"}
+    assert set(registered()) == {"full", "lora", "selective", "prefix_tuning", "prompt_tuning", "ia3", "adapters",
+                                 "prompt"}
     for name, strategy in registered().items():
         assert strategy.config_cls.model_fields["name"].default == name
     assert registered()["prompt"].trains is False
@@ -65,13 +66,18 @@ def test_unknown_key_in_strategy_config():
         parse_section(get_strategy("selective").config_cls, {"name": "selective", "layer": [1]}, "run.yaml")
 
 
-def test_additive_option_for_other_method_refused():
-    cls = get_strategy("additive").config_cls
-    with pytest.raises(ConfigError) as err:
-        parse_section(cls, {"name": "additive", "method": "ia3", "adapter_size": 8}, "run.yaml", ("strategy",))
-    assert "'adapter_size' is for method bottleneck, not 'ia3'" in one_line(err)
-    with pytest.raises(ConfigError, match="method"):
-        parse_section(cls, {"name": "additive", "method": "adapters"}, "run.yaml")
+def test_additive_alias_resolves_to_the_method_strategy_and_refuses_foreign_options():
+    from distributed_ft.strategies import parse_strategy_section
+
+    for method, name in (("prefix_tuning", "prefix_tuning"), ("prompt_tuning", "prompt_tuning"), ("ia3", "ia3"),
+                         ("bottleneck", "adapters")):
+        strategy, cfg = parse_strategy_section({"name": "additive", "method": method}, "run.yaml")
+        assert strategy.name == cfg.name == name
+    with pytest.raises(ConfigError) as err:  # an adapters option on the ia3 strategy
+        parse_strategy_section({"name": "additive", "method": "ia3", "adapter_size": 8}, "run.yaml")
+    assert "unknown key 'adapter_size' in section 'strategy'" in one_line(err) and "run.yaml" in str(err.value)
+    with pytest.raises(ConfigError, match="'additive' needs a 'method'"):
+        parse_strategy_section({"name": "additive", "method": "lora"}, "run.yaml")
 
 
 def test_selective_nothing_selected():
@@ -108,8 +114,7 @@ def test_selective_negative_and_bottom_top_k_choose_blocks():
 
 def test_prefix_tuning_for_classification_is_refused():
     with pytest.raises(ConfigError, match="prefix_tuning' is not supported for task 'sequence_classification'"):
-        apply("additive", tiny(LlamaForSequenceClassification, num_labels=2), "sequence_classification",
-              method="prefix_tuning")
+        apply("prefix_tuning", tiny(LlamaForSequenceClassification, num_labels=2), "sequence_classification")
 
 
 def test_unknown_task_refused():
@@ -118,7 +123,7 @@ def test_unknown_task_refused():
 
 
 def test_ia3_defaults_for_llama():
-    model = apply("additive", tiny(), method="ia3")
+    model = apply("ia3", tiny())
     cfg = model.peft_config["default"]
     assert set(cfg.target_modules) == {"k_proj", "v_proj", "down_proj"}
     assert set(cfg.feedforward_modules) == {"down_proj"}
@@ -158,7 +163,7 @@ def test_find_blocks_picks_decoder_layers():
 
 def test_bottleneck_at_init_equals_base():
     base = tiny()
-    model = apply("additive", copy.deepcopy(base), method="bottleneck", adapter_size=4, nonlinearity="gelu")
+    model = apply("adapters", copy.deepcopy(base), adapter_size=4, nonlinearity="gelu")
     base.eval(), model.eval()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids()).logits, base(input_ids=ids()).logits)
@@ -170,7 +175,7 @@ def test_bottleneck_at_init_equals_base():
 
 def test_bottleneck_changes_output_once_up_projection_is_nonzero():
     base = tiny()
-    model = apply("additive", copy.deepcopy(base), method="bottleneck", adapter_size=4, adapter_locations=["mlp"])
+    model = apply("adapters", copy.deepcopy(base), adapter_size=4, adapter_locations=["mlp"])
     with torch.no_grad():
         model.model.layers[0].bottleneck_adapters["mlp"].up.weight.fill_(0.1)
         assert not torch.allclose(model(input_ids=ids()).logits, base(input_ids=ids()).logits)
@@ -178,7 +183,7 @@ def test_bottleneck_changes_output_once_up_projection_is_nonzero():
 
 def test_bottleneck_missing_submodule_names_option():
     with pytest.raises(ConfigError, match="set 'mlp_module'"):
-        apply("additive", tiny(), method="bottleneck", mlp_module="ffn_missing")
+        apply("adapters", tiny(), mlp_module="ffn_missing")
 
 
 # --------------------------------------------------------------------------- loading
@@ -247,8 +252,8 @@ def test_build_prompt_errors():
 
 
 @pytest.mark.parametrize("name,options", [("full", {}), ("selective", {"layers": [0]}), ("lora", {"r": 2}),
-                                          ("additive", {"method": "ia3"}),
-                                          ("additive", {"method": "bottleneck", "adapter_size": 4})])
+                                          ("ia3", {}),
+                                          ("adapters", {"adapter_size": 4})])
 def test_save_writes_the_given_state_dict(tmp_path, name, options):
     """Under ZeRO-3 the engine passes the gathered state dict; the save hook must write it, not the live model."""
     tiny().save_pretrained(tmp_path / "base")
@@ -273,8 +278,8 @@ def test_prompt_tuning_text_init(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(tmp_path / "tok")
     base = tiny()
-    model = apply("additive", base, method="prompt_tuning", num_virtual_tokens=3,
+    model = apply("prompt_tuning", base, num_virtual_tokens=3,
                   prompt_tuning_init_text="w5 w9 w7", tokenizer=str(tmp_path / "tok"))
     assert torch.equal(model.prompt_encoder["default"].embedding.weight, base.model.embed_tokens.weight[[5, 9, 7]])
     with pytest.raises(ConfigError, match="needs 'tokenizer'"):
-        apply("additive", tiny(), method="prompt_tuning", prompt_tuning_init_text="w1")
+        apply("prompt_tuning", tiny(), prompt_tuning_init_text="w1")

@@ -37,14 +37,38 @@ def falls_clearly(curve: dict[int, float], margin: float = 0.5) -> bool:
     return sum(values[-3:]) / 3 < values[0] - margin
 
 
-# The built-in base is randomly initialised, so methods that leave it frozen mostly learn the
-# output distribution in a few steps; full fine-tuning learns the tasks themselves.
-@pytest.mark.parametrize("config, extra, margin", [("full", [], 2.0), ("lora", [], 0.5),
-                                                    ("prefix_tuning", ["training.learning_rate=0.03"], 0.5),
-                                                    ("adapters", [], 0.5)])
-def test_loss_falls(tmp_path, config, extra, margin):
-    train(f"configs/{config}.yaml", tmp_path / "run", "training.max_steps=30", "training.warmup_steps=0", *extra)
-    assert falls_clearly(losses(tmp_path / "run"), margin), losses(tmp_path / "run")
+LOSS_STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def untrained_losses(tmp_path_factory) -> dict[int, float]:
+    """The control: the same run at a learning rate of 1e-9, i.e. the untrained base model's loss on each
+    step's batch (the sampler draws the same batches for every config below: same data and seed)."""
+    out = tmp_path_factory.mktemp("control") / "run"
+    train("configs/full.yaml", out, f"training.max_steps={LOSS_STEPS}", "training.learning_rate=1e-9")
+    return losses(out)
+
+
+# The built-in base is randomly initialised, so methods that leave it frozen mostly learn the output
+# distribution in a few steps; full fine-tuning learns the tasks themselves. Margins are nats below the
+# control on the same batches, about 2/3 of what each method reaches in 30 steps.
+@pytest.mark.parametrize("config, extra, margin, starts_as_base", [
+    ("full", [], 2.0, True), ("lora", [], 0.7, True),
+    ("prefix_tuning", ["training.learning_rate=0.03"], 0.5, False), ("adapters", [], 0.55, True)])
+def test_loss_falls(tmp_path, untrained_losses, config, extra, margin, starts_as_base):
+    """Over the last 5 steps, the trained loss sits `margin` nats below the untrained model's loss on the
+    very same batches (paired per step). Planted bugs seen failing: optimizer.step doing nothing (trained ==
+    control; every config fails); a learning rate 10x smaller than configured (full and prefix_tuning miss
+    their margins: gaps 1.3 and 0.31)."""
+    out = tmp_path / "run"
+    train(f"configs/{config}.yaml", out, f"training.max_steps={LOSS_STEPS}", *extra)
+    trained, control = losses(out), untrained_losses
+    assert sorted(trained) == sorted(control) == list(range(1, LOSS_STEPS + 1))
+    if starts_as_base:  # LoRA (B = 0) and adapters start as the identity: step 1 is the same forward pass
+        assert trained[1] == pytest.approx(control[1], abs=1e-5)
+    last = range(LOSS_STEPS - 4, LOSS_STEPS + 1)
+    gap = sum(control[s] - trained[s] for s in last) / len(last)
+    assert gap > margin, (gap, trained, control)
 
 
 def test_selective_trains_only_the_named_blocks(tmp_path):
@@ -121,10 +145,12 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
 
 
 def test_wandb_offline_run_holds_no_secret(tmp_path):
+    """No file of an offline wandb run holds the key. Planted bug seen failing: the run's tracker config
+    carrying WANDB_API_KEY (found in wandb/debug.log)."""
     run = tmp_path / "run"
     secret = "sk-test-0123456789abcdef"
     proc = run_dft("train", "configs/full.yaml", f"output.dir={run}", *SMALL, "training.max_steps=3",
-                   "training.warmup_steps=0", "logging.wandb.mode=offline", "logging.wandb.project=dft-test",
+                   "training.warmup_steps=0", "logging.wandb.mode=offline", "logging.project=dft-test",
                    env={"WANDB_MODE": "offline", "WANDB_API_KEY": secret})
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((run / "wandb").glob("offline-run-*"))

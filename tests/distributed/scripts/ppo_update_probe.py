@@ -17,7 +17,7 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from distributed_ft.grader.results import GradeResult
-    from distributed_ft.ppo import PPORun
+    from distributed_ft.recipes.ppo import PPORun
     from distributed_ft.rl.rollout import Rollout, encode_queries, response_mask
 
     config, out, *overrides = sys.argv[1:]

@@ -1,4 +1,4 @@
-"""Train through TrainingRun (the code path of `dft train`), then record the in-memory model's logits
+"""Train through SFTRun (the code path of `dft train`), then record the in-memory model's logits
 on a fixed probe batch before saving, so a test can compare them with the reloaded files.
 
 Usage: [accelerate launch ...] train_probe.py CONFIG [key=value ...]
@@ -8,14 +8,14 @@ import sys
 
 import torch
 
-from distributed_ft.train import TrainingRun
+from distributed_ft.recipes.sft import SFTRun
 from distributed_ft.engine.process_exit import exit_process
 
 PROBE = [[5, 17, 42, 9, 33, 2, 11, 27], [8, 3, 3, 60, 14, 19, 7, 1]]
 
 
 def main() -> None:
-    run = TrainingRun(sys.argv[1], sys.argv[2:]).build()
+    run = SFTRun(sys.argv[1], sys.argv[2:]).build()
     run.train()
     model = run.model
     model.eval()

@@ -1,7 +1,13 @@
-"""Strict typed config models: unknown keys and wrong types become one-line errors."""
+"""Strict typed config models: unknown keys and wrong types become one-line errors.
+
+The ground floor of every config section in the package, with the two ways a loaded config is
+recorded (its plain dict and its hash).
+"""
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -66,3 +72,19 @@ def parse_section(model_cls: type[BaseModel], data: Any, source: str, prefix: tu
         return model_cls.model_validate(data if data is not None else {})
     except ValidationError as err:
         raise ConfigError(describe_validation_error(err, model_cls, source, prefix)) from None
+
+
+def config_to_dict(config: BaseModel) -> dict:
+    """The config as plain JSON data; a section typed `Any` (the registered strategy's) is dumped by its own model."""
+    data = config.model_dump(mode="json")
+    for name in type(config).model_fields:
+        value = getattr(config, name)
+        if isinstance(value, BaseModel):
+            data[name] = value.model_dump(mode="json")
+    return data
+
+
+def config_hash(config: BaseModel | dict) -> str:
+    """A short stable hash of a resolved config (or of its dict), recorded next to every result."""
+    data = config if isinstance(config, dict) else config_to_dict(config)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]

@@ -1,8 +1,8 @@
 """`dft ppo`: PPO fine-tuning of a causal LM against a grader service.
 
-`PPORun` holds the stages (config -> accelerator -> model, reference, critic -> prompts -> prepare ->
-grader -> baseline reward -> train -> save -> final reward) so a script under `accelerate launch` can
-drive them one by one; `run_ppo` is the linear path the CLI takes.
+`run` is the linear path the CLI takes: load config -> build (prompts, then policy, reference, critic)
+-> prepare (wrap, start the grader) -> baseline reward and eval -> train -> save -> final reward and
+eval -> close. `PPORun` holds the same stages for a script under `accelerate launch`.
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import logging
 from pathlib import Path
 
 from distributed_ft.engine.rundir import check_run_dir, create_run_dir, record_rank
+from distributed_ft.engine.signals import EXIT_STOPPED
 from distributed_ft.errors import ConfigError
 
-EXIT_STOPPED = 3  # stopped by a signal after saving a checkpoint; rerun with training.resume_from=latest
 REPORT_FILE = "ppo_reward.json"
 BEFORE_FILE = "ppo_reward_before.json"
 
@@ -22,14 +22,15 @@ class PPORun:
     def __init__(self, config_path: str, overrides: list[str] | None = None):
         from accelerate.utils import set_seed
 
+        from distributed_ft.config import load_config
         from distributed_ft.engine.distributed import build_accelerator
         from distributed_ft.engine.logging import setup_console_logging
-        from distributed_ft.rl.config import check_topology, load_ppo_config
+        from distributed_ft.rl.config import check_topology
         from distributed_ft.strategies import get_strategy
 
         self.config_path = str(config_path)
-        self.config = load_ppo_config(config_path, overrides)
-        self.accelerator = build_accelerator(self.config.training)
+        self.config = load_config(config_path, overrides, kind="ppo")
+        self.accelerator = build_accelerator(self.config.training, self.config.logging, self.config.output.dir)
         setup_console_logging(self.accelerator.is_main_process)
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per grading request otherwise
         self.minibatch_size, self.num_minibatches = check_topology(self.config, self.accelerator.num_processes)
@@ -37,30 +38,31 @@ class PPORun:
         self.strategy = get_strategy(self.config.strategy.name)
         set_seed(self.config.training.seed)
         self.trainer = self.grader_process = self.client = self.run_logger = None
-        self.reference = self.result = None
+        self.reference = self.result = self.evaluation = None
 
     def build(self) -> "PPORun":
         from distributed_ft.engine.logging import logger
-        from distributed_ft.models import load_model_and_tokenizer
+        from distributed_ft.models import load_model, load_tokenizer_for
         from distributed_ft.rl.model import PolicyWithValue, backbone_of, is_peft
         from distributed_ft.rl.prompts import build_prompts
         from distributed_ft.strategies import count_parameters
 
         config = self.config
-        model, self.tokenizer, self.model_path = load_model_and_tokenizer(config.model)
+        self.tokenizer, self.model_path, added_pad = load_tokenizer_for(config.model)
         if self.tokenizer.eos_token_id is None:
             raise ConfigError(f"model {self.model_path}: the tokenizer has no EOS token; responses could not stop")
         self.prompts = build_prompts(config.data, config.training.seed)
+
+        def load():
+            return load_model(config.model, self.tokenizer, self.model_path, added_pad=added_pad)
+
+        model = load()
         hidden = model.config.hidden_size
-        policy = self.strategy.apply(model, config.strategy, "causal_lm")
+        policy = self.strategy.apply(model, config.strategy, config.model.task)
         if not is_peft(policy):
             # Full and selective training change the base weights: the reference is a frozen copy.
-            self.reference, _, _ = load_model_and_tokenizer(config.model)
-            self.reference.requires_grad_(False).eval()
-        critic = None
-        if config.ppo.critic.mode == "separate":
-            critic_model, _, _ = load_model_and_tokenizer(config.model)
-            critic = backbone_of(critic_model)
+            self.reference = load().requires_grad_(False).eval()
+        critic = backbone_of(load()) if config.ppo.critic.mode == "separate" else None
         self.model = PolicyWithValue(policy, hidden, critic)
         trainable, total = count_parameters(self.model)
         logger.info(f"ppo: model {self.model_path}: {total:,} parameters ({trainable:,} trainable) with strategy "
@@ -100,12 +102,12 @@ class PPORun:
         return self
 
     def make_trainer(self, grader):
-        from distributed_ft.config import config_to_dict
         from distributed_ft.engine.logging import RunLogger
         from distributed_ft.rl.trainer import PPOTrainer
+        from distributed_ft.strict import config_to_dict
 
         acc, config = self.accelerator, self.config
-        self.run_logger = RunLogger(self.run_dir, config.logging, config_to_dict(config), acc.is_main_process,
+        self.run_logger = RunLogger(self.run_dir, config.logging, config_to_dict(config), acc,
                                     config.training.max_steps)
         self.trainer = PPOTrainer(config=config, accelerator=acc, model=self.model, optimizer=self.optimizer,
                                   scheduler=self.scheduler, reference=self.reference, tokenizer=self.tokenizer,
@@ -140,7 +142,7 @@ class PPORun:
         try:
             self.result = self.trainer.train()
         finally:
-            self.run_logger.close()
+            self.run_logger.end_progress()
         return self.result
 
     def reward_after(self, before: dict | None) -> dict | None:
@@ -161,34 +163,37 @@ class PPORun:
         return report
 
     # -- the supervised evaluation (metrics against references), when eval.enabled ---------------------------
-    def _standard_evaluator(self):
-        from types import SimpleNamespace
+    def _evaluation(self):
+        """Held-out prompts whose item carries a text reference, scored like an SFT run's generations."""
+        from distributed_ft.eval.session import EvalInputs, RunEvaluation
+        from distributed_ft.strict import config_hash, config_to_dict
 
-        from distributed_ft.run_eval import RunEvaluator
-
-        if getattr(self, "_eval", None) is None:
-            records = []
-            for p in self.prompts.held_out:
-                reference = p["item"].get("reference", p["item"].get("completion"))
-                if isinstance(reference, str):
-                    records.append({"task": p["item"].get("task", "ppo"), "prompt": p["prompt"],
-                                    "reference": reference})
-            self.data = SimpleNamespace(eval_records=records, tasks=sorted({r["task"] for r in records}))
-            self._eval = RunEvaluator(self)
-        return self._eval
+        records = []
+        for p in self.prompts.held_out:
+            reference = p["item"].get("reference", p["item"].get("completion"))
+            if isinstance(reference, str):
+                records.append({"task": p["item"].get("task", "ppo"), "prompt": p["prompt"], "reference": reference})
+        log = self.run_logger
+        return RunEvaluation(EvalInputs(
+            model=self.model, tokenizer=self.tokenizer, accelerator=self.accelerator,
+            records=records, task_types={r["task"]: "generation" for r in records}, config=self.config.eval,
+            out_dir=self.run_dir,
+            metadata={"model": self.model_path, "strategy": self.strategy.name, "config": config_to_dict(self.config),
+                      "config_hash": config_hash(self.config)},
+            log=log.log if log else None, log_final=log.log_to_tracker if log else None))
 
     def evaluate_baseline(self):
-        if self.config.eval.enabled:
-            return self._standard_evaluator().baseline()
-        return None
+        if self.config.eval.enabled and self.evaluation is None:
+            self.evaluation = self._evaluation()
+        return self.evaluation.baseline() if self.evaluation else None
 
     def evaluate_final(self):
-        if self.config.eval.enabled:
-            return self._standard_evaluator().final()
-        return None
+        if self.config.eval.enabled and self.evaluation is None:
+            self.evaluation = self._evaluation()
+        return self.evaluation.final(self.trainer_steps()) if self.evaluation else None
 
     def trainer_steps(self) -> int:
-        return getattr(getattr(self, "result", None), "step", 0)
+        return self.result.step if self.result else 0
 
     def save(self) -> Path:
         from distributed_ft.engine.logging import logger
@@ -203,34 +208,22 @@ class PPORun:
             self.trainer.grader.close()
         if self.grader_process is not None:
             self.grader_process.stop()
+        if self.run_logger is not None:
+            self.run_logger.end_progress()
         self.accelerator.end_training()
 
 
-def run_ppo(config_path: str, overrides: list[str]) -> int:
-    run = PPORun(config_path, overrides).build()
+def run(config_path: str, overrides: list[str]) -> int:
+    job = PPORun(config_path, overrides).build()
     try:
-        run.prepare()
-        before = run.reward_before()
-        run.evaluate_baseline()
-        result = run.train()
-        if result.stopped_by:
+        job.prepare()
+        before = job.reward_before()
+        job.evaluate_baseline()
+        if job.train().stopped_by:
             return EXIT_STOPPED
-        run.save()
-        run.reward_after(before)
-        run.evaluate_final()
+        job.save()
+        job.reward_after(before)
+        job.evaluate_final()
         return 0
     finally:
-        run.close()
-
-
-def _cmd_ppo(args) -> int:
-    return run_ppo(args.config, args.overrides)
-
-
-def add_subparser(subparsers):
-    """`dft ppo CONFIG [key.sub=value ...]`."""
-    ppo = subparsers.add_parser("ppo", help="PPO fine-tuning against a grader service")
-    ppo.add_argument("config")
-    ppo.add_argument("overrides", nargs="*", help="key.sub=value")
-    ppo.set_defaults(func=_cmd_ppo)
-    return ppo
+        job.close()

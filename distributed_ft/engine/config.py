@@ -1,0 +1,76 @@
+"""The config sections the engine reads: `training` (the loop), `logging` and `output` (the run folder)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from distributed_ft.strict import StrictModel
+
+
+class TrainingConfig(StrictModel):
+    max_steps: int = Field(default=100, ge=0)
+    micro_batch_size: int = Field(default=8, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    optimizer: Literal["adamw", "adam", "sgd", "adafactor"] = "adamw"
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_epsilon: float = 1e-8
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 42
+    checkpoint_every: int | None = Field(default=None, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=2)
+    resume_from: str | None = None
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        return "no" if value is False else value  # YAML reads a bare `no` as false
+
+    @model_validator(mode="after")
+    def _warmup_fits(self):
+        if self.max_steps and self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
+        return self
+
+
+# accelerate's experiment trackers (accelerate.tracking); each needs its own package installed.
+TrackerName = Literal["wandb", "tensorboard", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab",
+                      "trackio"]
+
+
+class WandbConfig(StrictModel):
+    # None: online when `wandb` is in logging.trackers; offline/online also turn it on.
+    mode: Literal["disabled", "offline", "online"] | None = None
+    entity: str | None = None
+    tags: list[str] = []
+
+
+class LoggingConfig(StrictModel):
+    log_every: int = Field(default=10, ge=1)
+    progress_bar: bool = True
+    # metrics.jsonl is always written; these trackers get the same rows (keys only from the environment
+    # or the tool's own login store, never from the config)
+    trackers: list[TrackerName] = []
+    project: str = "distributed_ft"  # the project / experiment every tracker files the run under
+    run_name: str | None = None
+    wandb: WandbConfig = WandbConfig()
+
+    @property
+    def active_trackers(self) -> list[str]:
+        names = list(dict.fromkeys(self.trackers))
+        if self.wandb.mode in ("offline", "online") and "wandb" not in names:
+            names.append("wandb")
+        if self.wandb.mode == "disabled" and "wandb" in names:
+            names.remove("wandb")
+        return names
+
+
+class OutputConfig(StrictModel):
+    dir: str = "runs/default"
+    overwrite: bool = False
