@@ -21,8 +21,6 @@ from distributed_ft.errors import DftError
 from distributed_ft.grader import TOKEN_ENV
 from distributed_ft.grader.results import GradeResult
 
-
-
 RETRYABLE_STATUS = frozenset({408, 429})  # and every 5xx
 MAX_RETRY_AFTER_S = 30.0
 

@@ -8,25 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ADAPTER_MARKERS = ("adapter_config.json", "bottleneck_config.json")
-
-
-def resolve_trained_path(name: str) -> Path | None:
-    """A run directory means its final model; a folder with an adapter or model is used as is."""
-    path = Path(name).expanduser()
-    if (path / "final").is_dir():
-        path = path / "final"
-    return path if path.is_dir() and any((path / m).exists() for m in ADAPTER_MARKERS + ("config.json",)) else None
-
 
 def load_evaluated_model(model_cfg, data_of):
     """(model, tokenizer, path): a saved adapter over its recorded base, else the configured model (a run's
     final folder when `name_or_path` names a run). `data_of(tokenizer)` builds the data the head is sized from."""
     from distributed_ft.models import ensure_pad_token, load_model, load_tokenizer, load_tokenizer_for
-    from distributed_ft.strategies import load_trained
+    from distributed_ft.strategies.loading import ADAPTER_FILES, load_trained, resolve_trained_path
 
     trained = resolve_trained_path(model_cfg.name_or_path) if model_cfg.name_or_path else None
-    if trained is not None and any((trained / f).exists() for f in ADAPTER_MARKERS):
+    if trained is not None and any((trained / f).exists() for f in ADAPTER_FILES):
         tokenizer = load_tokenizer(str(trained), model_cfg)
         ensure_pad_token(tokenizer)
         return load_trained(str(trained), task=model_cfg.task), tokenizer, data_of(tokenizer), str(trained)

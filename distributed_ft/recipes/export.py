@@ -29,6 +29,7 @@ from distributed_ft.errors import ModelError
 from distributed_ft.models import DTYPES
 from distributed_ft.strategies.bottleneck import CONFIG_FILE as BOTTLENECK_CONFIG
 from distributed_ft.strategies.common import BASE_INFO_FILE as BASE_INFO
+from distributed_ft.strategies.loading import base_model_of
 
 PEFT_CONFIG = "adapter_config.json"
 
@@ -42,8 +43,7 @@ def export(source: str, out: str, *, merge: bool = False, dtype: str | None = No
     import torch
 
     from distributed_ft.engine.save import verify_saved
-    from distributed_ft.recipes.evaluate import resolve_trained_path
-    from distributed_ft.strategies import load_trained
+    from distributed_ft.strategies.loading import load_trained, load_trained_tokenizer, resolve_trained_path
 
     model_dir = resolve_trained_path(source)
     if model_dir is None:
@@ -61,7 +61,7 @@ def export(source: str, out: str, *, merge: bool = False, dtype: str | None = No
     if adapter:
         model = merge_adapter(model, model_dir)
     model = model.to(target)
-    tokenizer = load_model_tokenizer(model_dir)
+    tokenizer = load_trained_tokenizer(model_dir)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.exporting-", dir=out_dir.parent))
@@ -128,13 +128,6 @@ def _read_json(path: Path) -> dict:
         return json.load(fh)
 
 
-def base_model_of(model_dir: Path) -> str | None:
-    """The base model an adapter folder records (None for a model folder)."""
-    info = _read_json(model_dir / BASE_INFO)
-    adapter = _read_json(model_dir / PEFT_CONFIG)
-    return info.get("base_model") or adapter.get("base_model_name_or_path")
-
-
 def saved_dtype(model_dir: Path):
     """The dtype the model (an adapter: its base) was saved in, from its config; fp32 when none is recorded."""
     import torch
@@ -145,18 +138,6 @@ def saved_dtype(model_dir: Path):
         config = _read_json(Path(base) / "config.json")
     name = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
     return getattr(torch, name) if name in DTYPES.values() else torch.float32
-
-
-def load_model_tokenizer(model_dir: Path):
-    """The tokenizer saved with the model, else the base model's."""
-    from distributed_ft.models import load_tokenizer
-    from distributed_ft.models.config import ModelConfig
-
-    has_own = any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    path = str(model_dir) if has_own else base_model_of(model_dir)
-    if not path:
-        raise ModelError(f"{model_dir}: no tokenizer saved and no base model recorded to take one from")
-    return load_tokenizer(path, ModelConfig(name_or_path=path))
 
 
 def _check_target(out_dir: Path, model_dir: Path, overwrite: bool) -> None:

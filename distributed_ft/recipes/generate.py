@@ -57,13 +57,11 @@ def load_for_generation(name: str):
     """(model in eval mode, tokenizer) for a run directory, a saved model/adapter folder or a Hub id."""
     from distributed_ft.models import load_model, load_tokenizer
     from distributed_ft.models.config import ModelConfig
-    from distributed_ft.recipes.evaluate import resolve_trained_path
-    from distributed_ft.recipes.export import load_model_tokenizer
-    from distributed_ft.strategies import load_trained
+    from distributed_ft.strategies.loading import load_trained, load_trained_tokenizer, resolve_trained_path
 
     path = resolve_trained_path(name)
     if path is not None:
-        model, tokenizer = load_trained(str(path)), load_model_tokenizer(path)
+        model, tokenizer = load_trained(str(path)), load_trained_tokenizer(path)
     elif Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
         raise ModelError(f"{name}: not a run directory or a model folder (no final/, config.json or adapter)")
     else:  # a Hub id

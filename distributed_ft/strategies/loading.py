@@ -108,3 +108,36 @@ def load_trained(path: str, base: str | None = None, task: str | None = None, **
                          f"{bottleneck.CONFIG_FILE})")
     model.eval()
     return model
+
+
+ADAPTER_FILES = ("adapter_config.json", bottleneck.CONFIG_FILE)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def resolve_trained_path(name: str) -> "Path | None":
+    """A run directory means its final model; a folder with an adapter or model is used as is; else None."""
+    from pathlib import Path
+
+    path = Path(name).expanduser()
+    if (path / "final").is_dir():
+        path = path / "final"
+    return path if path.is_dir() and any((path / m).exists() for m in ADAPTER_FILES + ("config.json",)) else None
+
+
+def base_model_of(model_dir) -> str | None:
+    """The base model an adapter folder records (None for a model folder)."""
+    info = _read_json(os.path.join(model_dir, BASE_INFO_FILE)) or {}
+    adapter = _read_json(os.path.join(model_dir, "adapter_config.json")) or {}
+    return info.get("base_model") or adapter.get("base_model_name_or_path")
+
+
+def load_trained_tokenizer(model_dir):
+    """The tokenizer saved with a trained model, else its base model's."""
+    from distributed_ft.models import load_tokenizer
+    from distributed_ft.models.config import ModelConfig
+
+    has_own = any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES)
+    path = str(model_dir) if has_own else base_model_of(model_dir)
+    if not path:
+        raise ModelError(f"{model_dir}: no tokenizer saved and no base model recorded to take one from")
+    return load_tokenizer(path, ModelConfig(name_or_path=path))
