@@ -118,16 +118,18 @@ SAMPLES_PER_STEP = 16  # rollout_batch_size 8 x num_generations 2
 
 
 class GradeWatch:
-    """A TCP relay in front of the grader (the trainer's grader.urls points here) that tells when a /grade
-    request has been handed to the grader, whatever the client or the grader's sandbox do inside. When the
-    grader goes away the relay drops the trainer's connection, as the dead server's socket would."""
+    """A TCP relay in front of the grader (the trainer's grader.urls points here) that tells when the /grade
+    request it is waiting for has been handed to the grader, whatever the client or the grader's sandbox do
+    inside. `wanted()` is asked as each /grade request passes, so the request is picked by what the run has
+    logged at that moment, not by when the test looked. When the grader goes away the relay drops the
+    trainer's connection, as the dead server's socket would."""
 
-    def __init__(self, grader_port: int):
+    def __init__(self, grader_port: int, wanted):
         import socket
         import threading
 
-        self.grader_port = grader_port
-        self.armed, self.forwarded = threading.Event(), threading.Event()
+        self.grader_port, self.wanted = grader_port, wanted
+        self.forwarded = threading.Event()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
@@ -156,7 +158,7 @@ class GradeWatch:
         try:
             while data := src.recv(65536):
                 dst.sendall(data)
-                if watch and self.armed.is_set() and b"POST /grade" in data:
+                if watch and b"POST /grade" in data and not self.forwarded.is_set() and self.wanted():
                     self.forwarded.set()
         except OSError:
             pass
@@ -193,14 +195,15 @@ def grader_killed_mid_request(tmp_path_factory):
     spec.write_text(SLOW_GRADER)
     port = free_port()
     grader, _ = start_grader(str(spec), port, env=ENV)
-    watch = GradeWatch(port)
     out = tmp / "run"
+    # A step's row is written before the next step generates, so the /grade request that passes while
+    # exactly two rows exist is step 3's (the baseline evaluation's comes before any row).
+    metrics = out / "metrics.jsonl"
+    watch = GradeWatch(port, wanted=lambda: metrics.is_file() and metrics.read_text().count("\n") == 2)
     run = _launch(out, watch.url, "training.max_steps=4", "ppo.unscorable_threshold=1.0", "ppo.sample_every=1",
                   f"ppo.num_logged_samples={SAMPLES_PER_STEP}")
     try:
-        _wait_rows(out, 2, run)  # steps 1 and 2 graded; the next /grade request is step 3's
-        watch.armed.set()
-        assert watch.forwarded.wait(120) and run.poll() is None, "step 3's request never reached the grader"
+        assert watch.forwarded.wait(300) and run.poll() is None, "step 3's request never reached the grader"
         time.sleep(0.3)  # the grader is inside the request (it takes 1.6 s)
         os.kill(grader.pid, signal.SIGKILL)
         grader.wait()
