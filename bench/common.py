@@ -146,6 +146,19 @@ def write_results(name: str, payload: dict, smoke: bool = False) -> Path:
     return path
 
 
+def run_worker(cmd: list[str], env: dict, timeout: float, name: str, mark: str) -> dict:
+    """Run one benchmark worker process; return the JSON its last `mark`-prefixed stdout line holds.
+    A failed or silent worker ends the benchmark with its output tails on stderr."""
+    import subprocess
+
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(mark)]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
+        raise SystemExit(f"the {name} run failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len(mark):])
+
+
 def median(values: list[float]) -> float:
     values = sorted(values)
     n = len(values)

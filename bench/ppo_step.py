@@ -20,128 +20,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (REPO, Sanity, exit_status, machine_load, median, parse_args, versions,  # noqa: E402
-                          write_results)
+from bench.common import REPO, Sanity, exit_status, machine_load, parse_args, versions, write_results  # noqa: E402
+from bench.rl_common import (MARK, add_step_args, check_trl, dft_overrides, dft_rows_summary,  # noqa: E402
+                             run_worker, step_flags, train_dft, worker_trl)
 
-MARK = "PPO_BENCH_RESULT "
 SMOKE = {"steps": 1, "warmup": 1, "prompts": 2, "generations": 2, "new_tokens": 4, "threads": 1, "timeout": 300}
-
-
-def letters_reward(text: str, reference: str) -> float:
-    """The reward of configs/ppo/grader_letters.yaml, as a plain function."""
-    out = text.replace(" ", "")
-    if not out:
-        return 0.0
-    want = set(reference.replace(" ", ""))
-    return sum(c in want for c in out) / len(out)
-
-
-def _prompts(n: int) -> list[dict]:
-    from distributed_ft.data.builtin import builtin_rows
-
-    return [{"prompt": r["prompt"], "reference": r["completion"].strip()} for r in builtin_rows("copy", n, 0)]
 
 
 def worker_dft(args) -> dict:
     from distributed_ft.recipes.ppo import PPORun
 
-    out = args.tmp / "ppo-run"
-    steps = args.steps + args.warmup
     samples = args.prompts * args.generations
-    overrides = [f"output.dir={out}", f"training.max_steps={steps}", f"ppo.rollout_batch_size={args.prompts}",
-                 f"ppo.num_generations={args.generations}", f"ppo.max_new_tokens={args.new_tokens}",
-                 "ppo.ppo_epochs=1", f"training.micro_batch_size={samples}", "training.gradient_accumulation_steps=1",
-                 "ppo.kl.coef=0.04", "ppo.eval_prompts=0", "data.validation_fraction=0",
-                 "training.checkpoint_every=null",
-                 "logging.progress_bar=false", "logging.log_every=1", "ppo.sample_every=1000000",
-                 "data.train.0.num_examples=512"]
-    run = PPORun(REPO / "configs" / "ppo" / "quickstart.yaml", overrides).build()
-    # Exactly --new-tokens per sample, like TRL below: generation never stops early.
-    run.model.policy.generation_config.eos_token_id = None
-    try:
-        run.prepare()
-        run.trainer.eos_id = None
-        result = run.train()
-    finally:
-        run.close()
-    rows = result.rows[args.warmup:]
-    split = {k: median([r[f"time/{k}"] for r in rows]) for k in ("generation", "forward", "grading_wait",
-                                                                 "update", "step")}
-    split["grader_latency"] = median([r["grader_latency_s"] for r in rows])
-    every = result.rows  # all steps, warm-up included, for the sanity checks
-    return {"step_s": split["step"], "split_s": split, "samples_per_s": samples / split["step"],
-            "response_length": median([r["response_length"] for r in rows]), "steps_run": result.step,
-            "response_lengths": [r["response_length"] for r in every],
-            "samples": [r["samples"] for r in every], "unscorable": sum(r["unscorable"] for r in every),
-            "reward_mean": [r["reward_mean"] for r in every], "pg_loss": [r["pg_loss"] for r in every],
-            "vf_loss": [r["vf_loss"] for r in every], "kl": [r["kl"] for r in every]}
-
-
-def worker_trl(args) -> dict:
-    import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    from distributed_ft.models.builtin import builtin_model_path
-
-    path = builtin_model_path("tiny")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    model.generation_config.eos_token_id = None  # exactly --new-tokens per sample
-    rows = _prompts(512)
-    ds = datasets.Dataset.from_list(rows)
-    samples = args.prompts * args.generations
-
-    completion_chars: list[int] = []
-
-    def reward(completions, reference, **kwargs):
-        completion_chars.extend(len(c.strip()) for c in completions)
-        return [letters_reward(c, r) for c, r in zip(completions, reference)]
-
-    times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, a, state, control, **kw):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            times.append(time.perf_counter() - self.t)
-
-    out = str(args.tmp / "grpo-run")
-    config = GRPOConfig(output_dir=out, use_cpu=True, per_device_train_batch_size=samples,
-                        num_generations=args.generations, max_completion_length=args.new_tokens,
-                        max_steps=args.steps + args.warmup, learning_rate=5e-4, beta=0.04, logging_steps=1000,
-                        report_to="none", save_strategy="no", temperature=1.0, top_k=0, seed=0,
-                        dataloader_num_workers=0, disable_tqdm=True)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=ds,
-                          processing_class=tokenizer, callbacks=[Timer()])
-    out = trainer.train()
-    step = median(times[args.warmup:])
-    return {"step_s": step, "samples_per_s": samples / step, "steps_run": len(times),
-            "train_loss": out.training_loss, "completions_graded": len(completion_chars),
-            "nonempty_completions": sum(n > 0 for n in completion_chars)}
-
-
-def run_worker(variant: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", variant, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--prompts", str(args.prompts), "--generations", str(args.generations),
-           "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
-    for line in proc.stdout.splitlines():
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK):])
-    raise RuntimeError(f"{variant} worker failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    overrides = [*dft_overrides("ppo", args, args.tmp / "ppo-run"), "ppo.kl.coef=0.04"]
+    result = train_dft(PPORun(REPO / "configs" / "ppo" / "quickstart.yaml", overrides).build())
+    every = result.rows
+    return {**dft_rows_summary(result, args.warmup, samples), "vf_loss": [r["vf_loss"] for r in every],
+            "kl": [r["kl"] for r in every]}
 
 
 def check(sanity: Sanity, results: dict, args) -> None:
@@ -159,21 +59,12 @@ def check(sanity: Sanity, results: dict, args) -> None:
         sanity.all_finite(f"dft: {key}", dft[key])
     for key, value in dft["split_s"].items():
         sanity.finite(f"dft: time/{key}", value)
-    sanity.finite("trl: train loss", trl["train_loss"])
-    sanity.check(trl["completions_graded"] >= steps * samples,
-                 f"trl: {trl['completions_graded']} completions rewarded, expected at least {steps * samples}")
-    sanity.check(trl["nonempty_completions"] > 0, "trl: every completion was empty")
+    check_trl(sanity, "trl", trl, steps, samples)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--generations", type=int, default=4)
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per worker")
+    add_step_args(parser)
     parser.add_argument("--worker", choices=["dft", "trl"], help=argparse.SUPPRESS)
     args = parse_args(parser, SMOKE)
     if args.worker:
@@ -186,7 +77,8 @@ def main() -> int:
         print(MARK + json.dumps(result), flush=True)
         return 0
     load_before = machine_load()
-    results = {v: run_worker(v, args) for v in ("dft", "trl")}
+    flags = step_flags(args)
+    results = {v: run_worker(__file__, v, args, flags) for v in ("dft", "trl")}
     sanity = Sanity()
     check(sanity, results, args)
     ratio = results["dft"]["samples_per_s"] / results["trl"]["samples_per_s"]

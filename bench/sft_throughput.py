@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,8 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (REPO, SMALL_LLAMA, TINY_LLAMA, Sanity, build_llama, count_llama_parameters,  # noqa: E402
-                          exit_status, machine_load, median, parse_args, synthetic_rows, versions, write_results,
-                          write_text_jsonl)
+                          exit_status, machine_load, median, parse_args, run_worker, synthetic_rows, versions,
+                          write_results, write_text_jsonl)
 
 BATCH, SEQ_LEN, LR = 16, 256, 1e-4  # the benchmark's batch (--batch-size) and row length (--seq-len)
 SMOKE = {"steps": 1, "warmup": 1, "rounds": 1, "rows": 8, "batch_size": 2, "seq_len": 32, "threads": 1,
@@ -190,12 +189,7 @@ def launch_worker(variant: str, work: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--work", str(work),
            "--steps", str(args.warmup + args.steps), "--threads", str(args.threads),
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(ROW_MARK)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
-        raise SystemExit(f"the {variant} run failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len(ROW_MARK):])
+    return run_worker(cmd, env, args.timeout, variant, ROW_MARK)
 
 
 def main() -> int:

@@ -34,6 +34,12 @@ def _ppo(args) -> int:
     return ppo.run(args.config, args.overrides)
 
 
+def _grpo(args) -> int:
+    from distributed_ft.recipes import grpo
+
+    return grpo.run(args.config, args.overrides)
+
+
 def _eval_args(p: argparse.ArgumentParser) -> None:
     from distributed_ft.tasks import KINDS
 
@@ -68,6 +74,19 @@ def _eval(args) -> int:
     if args.out:
         write_scores(result, args.out, args.predictions, args.task_type)
     return 0
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+def _data_inspect_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--samples", type=int, default=3, help="sample chunks shown per documents dataset (default 3)")
+    p.add_argument("--json", action="store_true", help="print everything as one JSON object")
+
+
+def _data_inspect(args) -> int:
+    from distributed_ft.recipes.inspect_data import inspect
+
+    return inspect(args.config, args.overrides, samples=args.samples, as_json=args.json)
 
 
 # --- configs and strategies ---------------------------------------------------------------------------------
@@ -185,7 +204,7 @@ def _slurm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-node", type=int, help="CPUs for each node's ranks (sbatch --cpus-per-task)")
     p.add_argument("--launch", help="accelerate launch config (default launch/zero3.yaml, "
                                     "launch/zero2_cpu.yaml without GPUs)")
-    p.add_argument("--kind", choices=("train", "eval", "ppo"), default="train")
+    p.add_argument("--kind", choices=("train", "eval", "ppo", "grpo"), default="train")
     p.add_argument("--partition")
     p.add_argument("--time", help="time limit, e.g. 02:00:00")
     p.add_argument("--account")
@@ -200,7 +219,7 @@ def _slurm_args(p: argparse.ArgumentParser) -> None:
 
 
 # The config kind each Slurm job kind runs.
-_SLURM_CONFIG_KINDS = {"train": "sft", "ppo": "ppo", "eval": ("eval", "sft")}
+_SLURM_CONFIG_KINDS = {"train": "sft", "ppo": "ppo", "grpo": "grpo", "eval": ("eval", "sft")}
 
 
 def _slurm_script(args):
@@ -292,8 +311,13 @@ class Command:
 COMMANDS = [
     Command("train", "fine-tune a model from a run config", _train, _config_args),
     Command("ppo", "PPO fine-tuning against a grader service", _ppo, _config_args),
+    Command("grpo", "critic-free RL (GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE++, GSPO) against a grader", _grpo,
+            _config_args),
     Command("eval", "evaluate the model of a config, or score a predictions file", _eval, _eval_args),
-    Command("config", "show or validate a config of any kind (run, PPO, eval, grader)", None),
+    Command("data", "see what the data layer builds from a config", None),
+    Command("data inspect", "files read and skipped, cleaning, chunks and tokens per task, sample chunks",
+            _data_inspect, _data_inspect_args),
+    Command("config", "show or validate a config of any kind (run, PPO, GRPO, eval, grader)", None),
     Command("config show", "print the resolved config", _config_show, _config_args),
     Command("config validate", "check a config without running it", _config_validate, _config_args),
     Command("strategies", "list the registered fine-tuning strategies", _strategies),

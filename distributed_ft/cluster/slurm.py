@@ -17,7 +17,7 @@ from typing import Callable
 from distributed_ft.errors import ConfigError, DftError
 
 REPO = Path(__file__).resolve().parents[2]
-TEMPLATES = {"train": "train.sbatch", "eval": "eval.sbatch", "ppo": "ppo.sbatch"}
+TEMPLATES = {"train": "train.sbatch", "eval": "eval.sbatch", "ppo": "ppo.sbatch", "grpo": "ppo.sbatch"}
 _BLOCK = r"(# >>> {name}[^\n]*\n)(.*?)(# <<< {name}[^\n]*\n)"
 
 
@@ -78,7 +78,7 @@ def check_allocation(nodes: int, env: dict | None = None) -> None:
 def validate(spec: JobSpec, check_config: Callable[[], object] | None = None) -> str:
     """Check the job's inputs (the run config too, with `check_config`); returns the launch config path.
     Every problem is one line."""
-    min_nodes = 2 if spec.kind == "ppo" else 1  # PPO: trainer nodes plus one grader node
+    min_nodes = 2 if spec.kind in ("ppo", "grpo") else 1  # RL: trainer nodes plus one grader node
     if spec.nodes < min_nodes:
         raise ConfigError(f"--nodes must be at least {min_nodes} for a {spec.kind} job, got {spec.nodes}")
     if spec.gpus_per_node < 0:

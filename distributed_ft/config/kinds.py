@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from distributed_ft.config.loader import parse_run_sections
-from distributed_ft.config.schema import EvalRunConfig, PPORunConfig, RunConfig
+from distributed_ft.config.schema import EvalRunConfig, GRPORunConfig, PPORunConfig, RunConfig
 from distributed_ft.errors import ConfigError, DftError
 from distributed_ft.tasks import kind_of
 
@@ -52,28 +52,39 @@ def parse_sft(raw: dict, source: str) -> RunConfig:
     return config
 
 
-def parse_ppo(raw: dict, source: str) -> PPORunConfig:
-    config, strategy = parse_run_sections(raw, source, PPORunConfig,
+def _parse_rl(raw: dict, source: str, schema, section: str):
+    """An RL run (PPO or the GRPO family): a causal LM, a training strategy, prompts and a grader."""
+    name = section.upper()
+    config, strategy = parse_run_sections(raw, source, schema,
                                           required={"grader": "grader.config: <spec.yaml> or grader.urls: [...]"})
     if config.model.task != "causal_lm":
-        raise ConfigError(f"{source}: PPO trains causal_lm models; model.task is {config.model.task}")
+        raise ConfigError(f"{source}: {name} trains causal_lm models; model.task is {config.model.task}")
     if not strategy.trains:
-        raise ConfigError(f"{source}: strategy '{strategy.name}' trains nothing; PPO needs a training strategy")
+        raise ConfigError(f"{source}: strategy '{strategy.name}' trains nothing; {name} needs a training strategy")
     if config.training.max_steps == 0:
-        raise ConfigError(f"{source}: training.max_steps (PPO steps) is 0")
+        raise ConfigError(f"{source}: training.max_steps ({name} steps) is 0")
     if config.data.packing:
-        raise ConfigError(f"{source}: data.packing does not apply to PPO prompts")
+        raise ConfigError(f"{source}: data.packing does not apply to {name} prompts")
     _check_model_and_eval(config, source)
-    samples = config.ppo.rollout_batch_size * config.ppo.num_generations
-    mb = config.ppo.minibatch_size
+    algo = getattr(config, section)
+    samples = algo.rollout_batch_size * algo.num_generations
+    mb = algo.minibatch_size
     if mb is not None and samples % mb:
-        raise ConfigError(f"{source}: ppo.minibatch_size {mb} does not divide the {samples} samples per step "
+        raise ConfigError(f"{source}: {section}.minibatch_size {mb} does not divide the {samples} samples per step "
                           f"(rollout_batch_size x num_generations)")
     if config.grader.config is not None:
         from distributed_ft.grader.spec import load_grader_spec
 
         load_grader_spec(config.grader.config)  # fail before any model is loaded
     return config
+
+
+def parse_ppo(raw: dict, source: str) -> PPORunConfig:
+    return _parse_rl(raw, source, PPORunConfig, "ppo")
+
+
+def parse_grpo(raw: dict, source: str) -> GRPORunConfig:
+    return _parse_rl(raw, source, GRPORunConfig, "grpo")
 
 
 def parse_eval(raw: dict, source: str) -> EvalRunConfig:
@@ -91,6 +102,7 @@ def parse_grader(raw: dict, source: str):
 # Order matters: the first kind whose marker the file has is its kind.
 KINDS: dict[str, ConfigKind] = {k.name: k for k in (
     ConfigKind("grader", "a grader spec (OpenAI grader format)", parse_grader, ("type",)),
+    ConfigKind("grpo", "critic-free RL (GRPO family) against a grader (dft grpo)", parse_grpo, ("grpo",)),
     ConfigKind("ppo", "PPO fine-tuning against a grader (dft ppo)", parse_ppo, ("ppo", "grader")),
     ConfigKind("sft", "supervised fine-tuning with a strategy (dft train)", parse_sft, ("strategy",)),
     ConfigKind("eval", "evaluate a model on validation data (dft eval)", parse_eval, ("model",)),

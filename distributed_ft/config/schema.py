@@ -7,7 +7,7 @@ from distributed_ft.data.config import DataConfig
 from distributed_ft.engine.config import LoggingConfig, OutputConfig, TrainingConfig
 from distributed_ft.eval.config import EvalConfig
 from distributed_ft.models.config import ModelConfig
-from distributed_ft.rl.config import GraderSection, PPOConfig
+from distributed_ft.rl.config import GraderSection, GRPOConfig, PPOConfig
 from distributed_ft.strict import StrictModel
 
 
@@ -23,18 +23,30 @@ class RunConfig(StrictModel):
     output: OutputConfig = OutputConfig()
 
 
-class PPORunConfig(StrictModel):
-    """A PPO run: the run sections plus `ppo` (the algorithm) and `grader` (the reward service)."""
+class _RLRunSections(StrictModel):
+    """What every RL run has: the run sections plus `grader` (the reward service)."""
 
     model: ModelConfig
     data: DataConfig
     strategy: Any
-    ppo: PPOConfig = PPOConfig()
     grader: GraderSection
     training: TrainingConfig = TrainingConfig(learning_rate=1e-4, lr_scheduler="constant")
     logging: LoggingConfig = LoggingConfig()
     eval: EvalConfig = EvalConfig(enabled=False)
+
+
+class PPORunConfig(_RLRunSections):
+    """A PPO run: the RL sections plus `ppo` (the algorithm)."""
+
+    ppo: PPOConfig = PPOConfig()
     output: OutputConfig = OutputConfig(dir="runs/ppo")
+
+
+class GRPORunConfig(_RLRunSections):
+    """A critic-free RL run (GRPO family): the RL sections plus `grpo` (the algorithm)."""
+
+    grpo: GRPOConfig = GRPOConfig()
+    output: OutputConfig = OutputConfig(dir="runs/grpo")
 
 
 class EvalRunConfig(StrictModel):

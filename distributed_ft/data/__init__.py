@@ -1,12 +1,13 @@
 """Data: read, normalise, split, tokenize and mix the configured datasets into training examples.
 
-`build_data` is the one entry point; it returns a DataBundle and logs nothing (counts are in `stats`).
-Train examples are stored task by task, so a WeightedMixSampler over `task_sizes` indexes them directly.
+`build_data` is the one entry point; it returns a DataBundle and logs nothing (counts are in `stats`, and
+what each documents dataset became in `documents`). Train examples are stored task by task, so a
+WeightedMixSampler over `task_sizes` indexes them directly.
 """
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from distributed_ft.data.builtin import BUILTIN_TASK_TYPES
 from distributed_ft.data.collate import collate
@@ -35,6 +36,7 @@ class DataBundle:
     num_labels: int | None                 # classification only
     label_names: list[str] | None          # when classification labels were names, label id -> name
     train_rows: dict[str, list[dict]]      # the normalised training rows of each task, before tokenization
+    documents: list = field(default_factory=list)   # a DocumentsReport per documents dataset, validation first
 
     def solved_examples(self, task: str, n: int) -> list[tuple[str, str]]:
         """The first `n` (prompt, completion) pairs of a generation task's training rows (few-shot prompts)."""
@@ -45,26 +47,57 @@ class DataBundle:
 
 
 
-def build_data(cfg: DataConfig, tokenizer, *, task_type: str, seed: int) -> DataBundle:
-    """Build train/validation examples for a model of `task_type` from the `data` config."""
+def build_data(cfg: DataConfig, tokenizer, *, task_type: str, seed: int, progress: bool = False) -> DataBundle:
+    """Build train/validation examples for a model of `task_type` from the `data` config.
+
+    `progress` shows a progress bar while documents are read (the main process only).
+    """
     kind = get_task(task_type).kind
     if cfg.packing and task_type != "causal_lm":
         raise ConfigError(f"data.packing applies only to causal_lm models, not {task_type}")
+    specs = list(cfg.train) + list(cfg.validation or [])
+    reader = _document_reader(specs, tokenizer, task_type, cfg.max_length, seed, progress)
+
+    # Held-out documents are read before the training ones, so training leaves out whatever they contain.
+    val_rows: dict[str, list[dict]] | None = None
+    held_documents: dict[str, list[dict]] = {}
+    for spec in cfg.validation or []:
+        if spec.is_documents:
+            result = reader.read(spec, _document_path(spec), held_out=True)
+            held_documents.setdefault(spec.task_name, []).extend(result.held_out)
 
     tasks = [spec.task_name for spec in cfg.train]
-    train_rows = {t: _normalised_rows(spec, tokenizer, task_type, seed) for t, spec in zip(tasks, cfg.train)}
-    val_rows: dict[str, list[dict]] | None = None
+    train_rows, split_off = {}, {}
+    for task, spec in zip(tasks, cfg.train):
+        if spec.is_documents:
+            # Whole documents are held out (never chunks of one), by the dataset's own fraction or the global one.
+            fraction = spec.documents_options.holdout_fraction or cfg.validation_fraction
+            result = reader.read(spec, _document_path(spec), held_out=False, holdout_fraction=fraction)
+            train_rows[task] = result.train
+            if result.held_out:
+                split_off[task] = result.held_out
+        else:
+            train_rows[task] = _normalised_rows(spec, tokenizer, task_type, seed)
     if cfg.validation_fraction > 0:
         val_rows = {}
-        for task in tasks:
-            train_rows[task], val_rows[task] = hold_out(train_rows[task], cfg.validation_fraction, seed, task)
+        for task, spec in zip(tasks, cfg.train):
+            if not spec.is_documents:
+                train_rows[task], val_rows[task] = hold_out(train_rows[task], cfg.validation_fraction, seed, task)
     elif cfg.validation:
         val_rows = {}
         for spec in cfg.validation:
+            if spec.is_documents:
+                val_rows.setdefault(spec.task_name, []).extend(held_documents.pop(spec.task_name, []))
+                continue
             rows = _normalised_rows(spec, tokenizer, task_type, seed + VALIDATION_SEED_OFFSET)
-            if spec.builtin is not None and spec.task_name in train_rows:
+            # Synthetic tasks are validated on unseen inputs; the handbook's trained questions are asked as trained.
+            if spec.builtin not in (None, "handbook") and spec.task_name in train_rows:
                 rows = _without_inputs_of(rows, train_rows[spec.task_name])
             val_rows.setdefault(spec.task_name, []).extend(rows)
+    if split_off:
+        val_rows = val_rows if val_rows is not None else {}
+        for task, rows in split_off.items():
+            val_rows.setdefault(task, []).extend(rows)
 
     label_names = num_labels = None
     if kind == "classification":
@@ -98,11 +131,41 @@ def build_data(cfg: DataConfig, tokenizer, *, task_type: str, seed: int) -> Data
 
     return DataBundle(train=train, tasks=tasks, task_sizes=sizes, weights=[spec.weight for spec in cfg.train],
                       stats=stats, validation_stats=validation_stats, eval_records=eval_records,
-                      num_labels=num_labels, label_names=label_names, train_rows=train_rows)
+                      num_labels=num_labels, label_names=label_names, train_rows=train_rows,
+                      documents=[] if reader is None else reader.reports)
+
+
+def _document_reader(specs: list[DatasetSpec], tokenizer, task_type: str, max_length: int, seed: int,
+                     progress: bool):
+    """The reader shared by every documents dataset (one duplicate index for the run), or None."""
+    documents = [spec for spec in specs if spec.is_documents]
+    if not documents:
+        return None
+    if task_type != "causal_lm":
+        raise DataError(f"task '{documents[0].task_name}': documents are text for a causal_lm model, "
+                        f"not for a {task_type} model")
+    from distributed_ft.data.documents import DocumentReader
+
+    return DocumentReader(tokenizer, max_length, seed, progress=progress)
+
+
+def _document_path(spec: DatasetSpec):
+    if spec.builtin == "handbook":
+        from distributed_ft.data.documents.corpus import handbook_folder
+
+        return str(handbook_folder(spec.split))
+    return spec.path
 
 
 def _normalised_rows(spec: DatasetSpec, tokenizer, task_type: str, seed: int) -> list[dict]:
     task, kind = spec.task_name, get_task(task_type).kind
+    if spec.builtin == "handbook":
+        from distributed_ft.data.documents.corpus import questions
+
+        if task_type != "causal_lm":
+            raise DataError(f"task '{task}': the handbook's questions need a causal_lm model, not {task_type}")
+        rows = questions(spec.split)[:spec.num_examples]
+        return normalise(rows, "qa", {"question": "question", "answer": "answer"}, tokenizer, task, spec.source)[1]
     if spec.builtin is not None:
         native = BUILTIN_TASK_TYPES[spec.builtin]
         # Every builtin has a generative form; classification/regression models need the native type.

@@ -1,6 +1,6 @@
 """Row formats: map columns, detect the format, and normalise rows into one of three shapes.
 
-generation:     {"prompt": str, "completion": str}   (text, prompt_completion, chat, instruction)
+generation:     {"prompt": str, "completion": str}   (text, prompt_completion, chat, instruction, qa)
 classification: {"text": str, "label": int | str}   (string labels are mapped to ids by the caller)
 regression:     {"text": str, "value": float}
 """
@@ -15,15 +15,21 @@ REQUIRED = {
     "prompt_completion": ("prompt", "completion"),
     "chat": ("messages",),
     "instruction": ("instruction", "output"),
+    "qa": ("question", "answer"),
     "classification": ("text", "label"),
     "regression": ("text", "value"),
 }
 OPTIONAL = {"instruction": ("input",)}
 KIND = {"text": "generation", "prompt_completion": "generation", "chat": "generation",
-        "instruction": "generation", "classification": "classification", "regression": "regression"}
+        "instruction": "generation", "qa": "generation", "classification": "classification", "regression": "regression"}
 
-# Checked in order: the first format whose required columns are all present wins.
+# Checked in order: the first format whose required columns are all present wins. `qa` is never guessed:
+# question/answer columns are as often meant as a prompt/completion mapping, so it is asked for by name.
 DETECT_ORDER = ("chat", "instruction", "prompt_completion", "classification", "regression", "text")
+
+# Question/answer rows: the same template at training and evaluation, so a closed-book question is asked
+# exactly as the trained pairs were.
+QA_PROMPT = "Question: {question}\nAnswer:"
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -96,6 +102,8 @@ def normalise(rows, fmt: str, mapping: dict[str, str], tokenizer, task: str, sou
         inputs = cols.get("input", [None] * n)
         out = [{"prompt": _alpaca(_str(i), _str(x)), "completion": _str(o)}
                for i, x, o in zip(cols["instruction"], inputs, cols["output"])]
+    elif fmt == "qa":
+        out = [qa_row(q, a) for q, a in zip(cols["question"], cols["answer"])]
     elif fmt == "chat":
         out = [render_chat(m, tokenizer, task, source, index) for index, m in enumerate(cols["messages"])]
     elif fmt == "classification":
@@ -105,6 +113,11 @@ def normalise(rows, fmt: str, mapping: dict[str, str], tokenizer, task: str, sou
         out = [{"text": _str(t), "value": _value(v, task, source, i)}
                for i, (t, v) in enumerate(zip(cols["text"], cols["value"]))]
     return KIND[fmt], out
+
+
+def qa_row(question: Any, answer: Any) -> dict:
+    """A question/answer pair as a prompt/completion row (the answer follows the prompt after one space)."""
+    return {"prompt": QA_PROMPT.format(question=_str(question).strip()), "completion": " " + _str(answer).strip()}
 
 
 def _alpaca(instruction: str, input_text: str) -> str:

@@ -5,7 +5,7 @@ from pydantic import Field, field_validator
 
 from distributed_ft.strict import StrictModel
 from distributed_ft.errors import EvalError
-from distributed_ft.eval.metrics import DEFAULT_METRICS, check_metric_name, resolve_metrics
+from distributed_ft.eval.metrics import DEFAULT_ABSTAIN_PHRASES, DEFAULT_METRICS, check_metric_name, resolve_metrics
 
 
 class EvalConfig(StrictModel):
@@ -22,8 +22,12 @@ class EvalConfig(StrictModel):
     metrics: dict[str, list[str]] = {}
     rouge_stemmer: bool = True
     normalize_exact_match: bool = True
-    # task names evaluated before and after training (to measure forgetting).
+    # task names evaluated before and after training (to measure forgetting), and the largest drop of
+    # their first metric the report accepts as retained
     retention: list[str] = []
+    max_retention_drop: float | None = Field(None, ge=0)
+    # answers counted as abstaining on unanswerable questions (besides each question's own reference)
+    abstain_phrases: list[str] = list(DEFAULT_ABSTAIN_PHRASES)
 
     @field_validator("metrics")
     @classmethod
@@ -36,10 +40,16 @@ class EvalConfig(StrictModel):
                     raise ValueError(f"task '{task}': {err}") from None
         return value
 
-    def metrics_for(self, task: str, task_type: str) -> list[str]:
-        """The metric names for `task`, checked against its task type (raises EvalError if one does not fit)."""
+    def metrics_for(self, task: str, task_type: str, text_only: bool = False) -> list[str]:
+        """The metric names for `task`, checked against its task type (raises EvalError if one does not fit).
+
+        A `text_only` task (records without prompts: held-out documents) has nothing to answer, so its
+        default is perplexity.
+        """
         names = self.metrics.get(task)
-        names = list(DEFAULT_METRICS.get(task_type, [])) if names is None else list(names)
+        if names is None:
+            names = ["perplexity"] if text_only else list(DEFAULT_METRICS.get(task_type, []))
+        names = list(names)
         resolve_metrics(names, task_type, task)
         return names
 

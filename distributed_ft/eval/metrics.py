@@ -1,4 +1,5 @@
-"""Metric registry and metric computation (accuracy, F1, MSE, MAE, BLEU, ROUGE, exact match, perplexity).
+"""Metric registry and metric computation (accuracy, F1, MSE, MAE, BLEU, ROUGE, exact match, token F1,
+abstention, perplexity).
 
 Each metric maps predictions and references to corpus scores plus, where meaningful, per-sample scores.
 BLEU comes from sacrebleu (0-100 scale, with its signature string), ROUGE from rouge-score (F-measure,
@@ -19,10 +20,16 @@ from distributed_ft.tasks import KINDS as TASK_TYPES
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
+# What counts as declining to answer, besides the reference itself (the abstain answer a QA file gives).
+DEFAULT_ABSTAIN_PHRASES = ("the documents do not say", "i don't know", "i do not know", "not stated",
+                           "no information", "cannot be answered", "unknown")
+
+
 @dataclass(frozen=True)
 class MetricOptions:
     rouge_stemmer: bool = True
     normalize_exact_match: bool = True
+    abstain_phrases: tuple[str, ...] = DEFAULT_ABSTAIN_PHRASES
 
 
 @dataclass
@@ -90,6 +97,35 @@ def exact_match(predictions: Sequence[str], references: Sequence[str], options: 
     norm = normalize_text if options.normalize_exact_match else (lambda s: s)
     hits = [float(norm(str(p)) == norm(str(r))) for p, r in zip(predictions, references)]
     return MetricOutput({"exact_match": _mean(hits)}, [{"exact_match": h} for h in hits])
+
+
+def token_f1(predictions: Sequence[str], references: Sequence[str], options: MetricOptions) -> MetricOutput:
+    """SQuAD's answer F1: overlap of the normalised words of prediction and reference, per sample, averaged."""
+    per = []
+    for p, r in zip(predictions, references):
+        pred, ref = normalize_text(str(p)).split(), normalize_text(str(r)).split()
+        common = sum(min(pred.count(w), ref.count(w)) for w in set(pred))
+        if not pred or not ref:
+            per.append(float(pred == ref))
+        elif common == 0:
+            per.append(0.0)
+        else:
+            precision, recall = common / len(pred), common / len(ref)
+            per.append(2 * precision * recall / (precision + recall))
+    return MetricOutput({"token_f1": _mean(per)}, [{"token_f1": f} for f in per])
+
+
+def abstention(predictions: Sequence[str], references: Sequence[str], options: MetricOptions) -> MetricOutput:
+    """For questions the documents do not answer: abstained (the reference or an abstain phrase appears in
+    the answer) or hallucinated (any other non-empty answer); an empty answer is neither."""
+    phrases = [normalize_text(x) for x in options.abstain_phrases]
+    per = []
+    for p, r in zip(predictions, references):
+        answer = normalize_text(str(p))
+        wanted = [normalize_text(str(r))] + phrases
+        abstained = bool(answer) and any(x and x in answer for x in wanted)
+        per.append({"abstention": float(abstained), "hallucination": float(bool(answer) and not abstained)})
+    return MetricOutput({k: _mean([s[k] for s in per]) for k in ("abstention", "hallucination")}, per)
 
 
 def bleu(predictions: Sequence[str], references: Sequence[str], options: MetricOptions) -> MetricOutput:
@@ -182,6 +218,9 @@ METRICS: dict[str, Metric] = {
     "bleu": Metric("bleu", _GEN, "sacrebleu corpus BLEU (0-100)", bleu),
     "rouge": Metric("rouge", _GEN, "ROUGE-1/2/L/Lsum F-measure averaged over samples", rouge),
     "exact_match": Metric("exact_match", _GEN, "fraction of predictions equal to the reference", exact_match),
+    "token_f1": Metric("token_f1", _GEN, "word-overlap F1 of answer and reference (SQuAD)", token_f1),
+    "abstention": Metric("abstention", _GEN, "unanswerable questions: abstention and hallucination rates",
+                         abstention),
     "perplexity": Metric("perplexity", _GEN, "exp of the mean reference-token loss (needs the model)", None),
 }
 

@@ -41,6 +41,7 @@ def build_report(result_after: EvalResult, result_before: EvalResult | None = No
             "n_baseline": before.n if before else None,
             "metrics": _compare(after.scores if after else {}, before.scores if before else None),
         }
+    knowledge = knowledge_rows(tasks, meta.get("retention") or [], meta.get("max_retention_drop"))
     signatures = {**(result_before.signatures if result_before else {}), **result_after.signatures}
     return {
         "model": meta.get("model"),
@@ -51,9 +52,64 @@ def build_report(result_after: EvalResult, result_before: EvalResult | None = No
         "rouge_signature": signatures.get("rouge"),
         "signatures": signatures,
         "tasks": tasks,
+        "knowledge": knowledge,
         "mean": _compare(result_after.mean, result_before.mean if result_before else None),
         "timing": {"fine_tuned": result_after.timing, "baseline": result_before.timing if result_before else None},
     }
+
+
+# Metrics where lower is better: a retention "drop" is then a rise.
+_LOWER_IS_BETTER = {"perplexity", "eval_loss", "mse", "mae", "hallucination"}
+
+
+def knowledge_rows(tasks: dict[str, Any], retention: list[str], max_drop: float | None) -> list[dict]:
+    """What the model knows of its documents, read from the task metrics: recall on question sets (tasks
+    scored with token_f1), abstention vs hallucination on unanswerable ones, perplexity on held-out
+    documents (tasks scored by perplexity alone), and the retention tasks with their drop."""
+    rows = []
+
+    def add(measure, task, metric, **extra):
+        row = tasks[task]["metrics"].get(metric)
+        if row is not None:
+            rows.append({"measure": measure, "task": task, "metric": metric, **row, **extra})
+
+    for task, info in tasks.items():
+        metrics = info["metrics"]
+        if "token_f1" in metrics:
+            add("recall", task, "exact_match")
+            add("recall", task, "token_f1")
+        if "hallucination" in metrics:
+            add("hallucination rate", task, "hallucination")
+            add("abstention rate", task, "abstention")
+        if "perplexity" in metrics and not set(metrics) - {"perplexity", "eval_loss"}:
+            add("held-out perplexity", task, "perplexity")
+    for task in retention:
+        if task not in tasks or not tasks[task]["metrics"]:
+            continue
+        metric, row = next(iter(tasks[task]["metrics"].items()))
+        drop = None
+        if row["baseline"] is not None and row["fine_tuned"] is not None:
+            drop = row["baseline"] - row["fine_tuned"]
+            drop = -drop if metric in _LOWER_IS_BETTER else drop
+        within = None if max_drop is None or drop is None else drop <= max_drop
+        add("retention", task, metric, drop=drop, max_drop=max_drop, within_bound=within)
+    return rows
+
+
+def _render_knowledge(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "## Knowledge and retention", "",
+             "| measure | task | metric | baseline | fine-tuned | change |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['measure']} | {r['task']} | {r['metric']} | {_fmt(r['baseline'])} | "
+                     f"{_fmt(r['fine_tuned'])} | {_fmt_change(r['change'])} |")
+    for r in rows:
+        if r["measure"] == "retention" and r.get("drop") is not None:
+            bound = "" if r["max_drop"] is None else (
+                f"; bound {r['max_drop']:.4f}: {'within' if r['within_bound'] else 'EXCEEDED'}")
+            lines.append(f"- retention of {r['task']}: {r['metric']} dropped by {r['drop']:+.4f}{bound}")
+    return lines
 
 
 def _fmt(value: float | None) -> str:
@@ -77,6 +133,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     for metric, row in report["mean"].items():
         lines.append(f"| **mean (weighted)** | {metric} | {_fmt(row['baseline'])} | {_fmt(row['fine_tuned'])} | "
                      f"{_fmt_change(row['change'])} |")
+    lines += _render_knowledge(report.get("knowledge") or [])
     lines += ["", "| task | type | samples |", "|---|---|---|"]
     lines += [f"| {t} | {i['task_type']} | {i['n'] if i['n'] is not None else i['n_baseline']} |"
               for t, i in report["tasks"].items()]

@@ -111,6 +111,16 @@ def _group_records(records: list[dict], task_types: dict[str, str],
     return groups
 
 
+def _text_only(rows: list[dict], task_type: str) -> bool:
+    return task_type == "generation" and all(not str(r.get("prompt", "")).strip() for r in rows)
+
+
+def _needs_predictions(metric_names: list[str]) -> bool:
+    from distributed_ft.eval.metrics import METRICS
+
+    return any(METRICS[name].compute is not None for name in metric_names)
+
+
 def _label_names(model: Any, accelerator: Any) -> dict[int, str]:
     config = accelerator.unwrap_model(model).config
     return {int(k): v for k, v in (getattr(config, "id2label", None) or {}).items()}
@@ -125,12 +135,14 @@ def evaluate(model: Any, tokenizer: Any, records: list[dict], accelerator: Any, 
     for task_type in task_types.values():
         check_task_type(task_type)
     grouped = _group_records(records, task_types, cfg.max_samples)
-    metric_names = {task: cfg.metrics_for(task, task_types[task]) for task in grouped}
+    metric_names = {task: cfg.metrics_for(task, task_types[task], text_only=_text_only(rows, task_types[task]))
+                    for task, rows in grouped.items()}
 
     start = time.perf_counter()
     by_type: dict[str, list[tuple[str, int]]] = {}  # task type -> (task, position) of each input
     for task, rows in grouped.items():
-        by_type.setdefault(task_types[task], []).extend((task, i) for i in range(len(rows)))
+        if _needs_predictions(metric_names[task]):  # perplexity alone needs no generated text
+            by_type.setdefault(task_types[task], []).extend((task, i) for i in range(len(rows)))
     predictions: dict[str, list[Any]] = {task: [None] * len(rows) for task, rows in grouped.items()}
     for task_type, keys in by_type.items():
         inputs = [grouped[t][i][_input_field(task_type)] for t, i in keys]
@@ -163,7 +175,8 @@ def evaluate(model: Any, tokenizer: Any, records: list[dict], accelerator: Any, 
                             [r[_input_field(task_types[task])] for r in rows], predictions[task],
                             [r[_target_field(task_types[task])] for r in rows], extra.get(task, {}))
                   for task, rows in grouped.items()]
-        result = score_groups(groups, MetricOptions(cfg.rouge_stemmer, cfg.normalize_exact_match))
+        options = MetricOptions(cfg.rouge_stemmer, cfg.normalize_exact_match, tuple(cfg.abstain_phrases))
+        result = score_groups(groups, options)
         result.timing = {"generation_s": generation_s, "loss_s": loss_s,
                          "metric_s": time.perf_counter() - start}
     if accelerator.num_processes > 1:

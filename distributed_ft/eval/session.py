@@ -80,7 +80,8 @@ class RunEvaluation:
             self.baseline()
         result = self._evaluate()
         if i.accelerator.is_main_process:
-            meta = {**i.metadata, "steps": steps, "world_size": i.accelerator.num_processes}
+            meta = {**i.metadata, "steps": steps, "world_size": i.accelerator.num_processes,
+                    "retention": list(i.config.retention), "max_retention_drop": i.config.max_retention_drop}
             paths = write_report(i.out_dir, result, self.baseline_result, meta, loss_history(i.out_dir))
             logger.info("eval after training: " + summary(result))
             logger.info(f"report: {paths['markdown']}")

@@ -35,6 +35,7 @@ class SFTRun:
         """Read the data, then load the model sized from it and apply the strategy; nothing is written
         before this succeeds."""
         from distributed_ft.data import build_data
+        from distributed_ft.data.documents import documents_summary
         from distributed_ft.engine.logging import logger
         from distributed_ft.engine.rundir import create_run_dir
         from distributed_ft.models import load_model, load_tokenizer_for
@@ -42,7 +43,8 @@ class SFTRun:
 
         config = self.config
         self.tokenizer, self.model_path, added_pad = load_tokenizer_for(config.model)
-        self.data = build_data(config.data, self.tokenizer, task_type=config.model.task, seed=config.training.seed)
+        self.data = build_data(config.data, self.tokenizer, task_type=config.model.task, seed=config.training.seed,
+                               progress=self.accelerator.is_main_process)
         model = load_model(config.model, self.tokenizer, self.model_path, added_pad=added_pad,
                            num_labels=self.data.num_labels, label_names=self.data.label_names)
         self.model = self.strategy.apply(model, config.strategy, config.model.task)
@@ -52,6 +54,10 @@ class SFTRun:
         for split, stats in (("train", self.data.stats), ("validation", self.data.validation_stats)):
             for task, counts in stats.items():
                 logger.info(f"data {task} ({split}): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        for report in self.data.documents:
+            logger.info(documents_summary(report))
+            for file, reason in report.skipped:
+                logger.warning(f"data {report.task}: skipped {file}: {reason}")
         create_run_dir(self.accelerator, self.config, self.config_path, "run")
         return self
 

@@ -1,4 +1,5 @@
-"""The trained module: policy plus value head (on the policy backbone or on a separate base copy).
+"""The trained module of an RL run: the policy alone (critic-free algorithms) or the policy plus a value head
+(PPO, on the policy backbone or on a separate base copy).
 
 Policy and critic live in one nn.Module so the launch wraps ONE engine with ONE optimizer (DDP or DeepSpeed,
 ZeRO-3 included). `forward(mode=...)` picks what is computed; the reference policy of PEFT strategies is the
@@ -23,21 +24,16 @@ def backbone_of(causal_lm: nn.Module) -> nn.Module:
     return getattr(causal_lm, body) if body and hasattr(causal_lm, body) else causal_lm
 
 
-class PolicyWithValue(nn.Module):
-    def __init__(self, policy: nn.Module, hidden_size: int, critic_backbone: nn.Module | None = None):
+class Policy(nn.Module):
+    """The trained policy as the RL loop sees it: `forward(mode=...)` gives response logits from the policy or
+    (PEFT) the reference with the adapter disabled. The critic-free algorithms train exactly this: no value
+    head, no critic copy, no optimizer state for either."""
+
+    def __init__(self, policy: nn.Module):
         super().__init__()
         self.policy = policy
         # accelerate fills DeepSpeed's "auto" bucket sizes from `model.config.hidden_size`.
         self.config = getattr(policy, "config", None)
-        self.critic_backbone = critic_backbone  # None: the value head reads the policy's last hidden state
-        self.value_head = nn.Linear(hidden_size, 1)
-        # A zero value head starts every value at 0: advantages begin as plain (KL-shaped) returns.
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
-
-    @property
-    def shared(self) -> bool:
-        return self.critic_backbone is None
 
     # What trl's unwrap_model_for_generation asks of the module it unwraps.
     @property
@@ -57,23 +53,50 @@ class PolicyWithValue(nn.Module):
         """The policy's generate: code that evaluates a causal LM can take this module as one."""
         return self.policy.generate(*args, **kwargs)
 
+    def _reference_logits(self, inputs: dict, length: int):
+        if not is_peft(self.policy):
+            raise RuntimeError("the reference of a non-PEFT policy is a separate frozen model")
+        with self.policy.disable_adapter():
+            return self.policy(**inputs).logits[:, -length:]
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, mode: str | None = None, **kwargs):
-        """mode: "policy_value" -> (logits, values); "policy" -> (logits, None); "reference" -> (logits, None);
-        None -> the policy's own output (so evaluation code sees a plain causal LM)."""
+        """mode: "policy" -> (logits, None); "reference" -> (logits, None); None -> the policy's own output (so
+        evaluation code sees a plain causal LM)."""
         if mode is None:
             return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         length = input_ids.shape[1]
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if mode == "reference":
-            if not is_peft(self.policy):
-                raise RuntimeError("the reference of a non-PEFT policy is a separate frozen model")
-            with self.policy.disable_adapter():
-                return self.policy(**inputs).logits[:, -length:], None
-        want_values = mode == "policy_value"
-        out = self.policy(**inputs, output_hidden_states=want_values and self.shared, use_cache=False)
-        logits = out.logits[:, -length:]  # prompt-learning adapters prepend virtual tokens
-        if not want_values:
-            return logits, None
+            return self._reference_logits(inputs, length), None
+        if mode != "policy":
+            raise ValueError(f"a policy without a value head has no mode {mode!r}")
+        # prompt-learning adapters prepend virtual tokens: keep the positions of the inputs
+        return self.policy(**inputs, use_cache=False).logits[:, -length:], None
+
+
+class PolicyWithValue(Policy):
+    """PPO's module: the policy plus a value head (on the policy backbone or on a separate base copy)."""
+
+    def __init__(self, policy: nn.Module, hidden_size: int, critic_backbone: nn.Module | None = None):
+        super().__init__(policy)
+        self.critic_backbone = critic_backbone  # None: the value head reads the policy's last hidden state
+        self.value_head = nn.Linear(hidden_size, 1)
+        # A zero value head starts every value at 0: advantages begin as plain (KL-shaped) returns.
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def shared(self) -> bool:
+        return self.critic_backbone is None
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, mode: str | None = None, **kwargs):
+        """mode "policy_value" -> (logits, values); the others as Policy."""
+        if mode != "policy_value":
+            return super().forward(input_ids, attention_mask, position_ids, mode=mode, **kwargs)
+        length = input_ids.shape[1]
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        out = self.policy(**inputs, output_hidden_states=self.shared, use_cache=False)
+        logits = out.logits[:, -length:]
         if self.shared:
             hidden = out.hidden_states[-1][:, -length:]
         else:

@@ -31,6 +31,33 @@ class Rollout:
     errors: list[str | None] = field(default_factory=list)
 
 
+_PER_SAMPLE = ("response", "mask", "logprobs", "ref_logprobs", "values", "entropy", "scores", "scorable")
+_LISTS = ("texts", "items", "prompts", "errors")
+
+
+def select_rollout(ro: Rollout, rows: list[int]) -> Rollout:
+    """The rollout of the given samples, in that order."""
+    idx = torch.tensor(rows, dtype=torch.long)
+    fields = {name: None if getattr(ro, name) is None else getattr(ro, name)[idx] for name in _PER_SAMPLE}
+    lists = {name: [getattr(ro, name)[i] for i in rows] if getattr(ro, name) else [] for name in _LISTS}
+    return Rollout(query=ro.query[idx], query_mask=ro.query_mask[idx], **fields, **lists)
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """One rollout of several (queries re-padded on the left to the widest; responses share max_new_tokens)."""
+    width = max(p.query.shape[1] for p in parts)
+
+    def left_pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)
+
+    query = torch.cat([left_pad(p.query, pad_id) for p in parts])
+    query_mask = torch.cat([left_pad(p.query_mask, 0) for p in parts])
+    fields = {name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
+              for name in _PER_SAMPLE}
+    lists = {name: [x for p in parts for x in getattr(p, name)] for name in _LISTS}
+    return Rollout(query=query, query_mask=query_mask, **fields, **lists)
+
+
 def encode_queries(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     from distributed_ft.data import encode_prompt
 

@@ -1,4 +1,4 @@
-"""Saving a PPO run's policy (model or adapter, as its strategy saves it) and its value head."""
+"""Saving an RL run's policy (model or adapter, as its strategy saves it) and PPO's value head."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,7 +25,8 @@ def save_policy(model, accelerator, strategy, tokenizer, out_dir: Path) -> Path:
             unwrapped.policy.save_pretrained(str(out_dir), state_dict=policy_state, safe_serialization=True)
         tokenizer.save_pretrained(str(out_dir))
         verify_saved(out_dir, unwrapped.policy)
-        (out_dir / "critic").mkdir(exist_ok=True)
-        save_file(critic_state, str(out_dir / "critic" / VALUE_FILE))
+        if critic_state:  # PPO's value head (and separate critic); the critic-free algorithms have none
+            (out_dir / "critic").mkdir(exist_ok=True)
+            save_file(critic_state, str(out_dir / "critic" / VALUE_FILE))
     accelerator.wait_for_everyone()
     return out_dir

@@ -1,10 +1,13 @@
-"""The PPO loop: rollout (generate -> grade asynchronously -> reference/value passes) then clipped updates.
+"""The RL loop of PPO and the critic-free family: rollout (generate -> grade asynchronously -> policy,
+reference and value passes) then clipped updates. The algorithm is an objective (rl/objectives.py): its
+advantages and per-token loss; everything else here is shared.
 
-Every rank takes its own slice of each step's prompts. Statistics that steer the update (reward
-normalisation, advantage whitening, the per-minibatch token count that scales the loss) are reduced over all
-ranks, so N ranks compute the same update as one process holding the whole batch. Unscorable samples (the
-grader failed on them) are masked out of the update and counted; above `ppo.unscorable_threshold` the run
-saves a checkpoint and stops with GraderUnavailable.
+Every rank takes its own slice of each step's prompts, with all `num_generations` samples of a prompt on the
+same rank (groups are whole on one rank). Statistics that steer the update (reward normalisation, advantage
+whitening, the per-minibatch denominators that scale the loss) are reduced over all ranks, so N ranks compute
+the same update as one process holding the whole batch. Unscorable samples (the grader failed on them) are
+masked out of the update and counted; above `unscorable_threshold` the run saves a checkpoint and stops with
+GraderUnavailable.
 """
 from __future__ import annotations
 
@@ -20,29 +23,33 @@ from distributed_ft.engine.logging import logger
 from distributed_ft.engine.loop import LoopControl
 from distributed_ft.rl import math as M
 from distributed_ft.rl.prompts import PromptStream
-from distributed_ft.rl.rollout import Rollout, decode, encode_queries, generate, response_mask, score_tokens
+from distributed_ft.rl.rollout import (Rollout, concat_rollouts, decode, encode_queries, generate, response_mask,
+                                       score_tokens, select_rollout)
 
 
 @dataclass
-class PPOResult:
+class RLResult:
     step: int
     rows: list[dict] = field(default_factory=list)
     stopped_by: str | None = None
     resumed_from: str | None = None
 
 
-class PPOTrainer:
-    def __init__(self, *, config, accelerator, model, optimizer, scheduler, reference, tokenizer, prompts,
-                 grader, run_dir: Path, run_logger):
-        self.config, self.ppo, self.training = config, config.ppo, config.training
+class RLTrainer:
+    def __init__(self, *, config, section: str, make_objective, accelerator, model, optimizer, scheduler,
+                 reference, tokenizer, prompts, grader, run_dir: Path, run_logger):
+        """section: the config section of the algorithm ("ppo" or "grpo"); make_objective(section config,
+        reduce, eos_id) builds its objective."""
+        self.config, self.training = config, config.training
+        self.ppo = getattr(config, section)  # the rollout settings every algorithm shares (RolloutConfig)
         self.acc, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
-        self.reference = reference  # None: the policy with its adapter disabled
+        self.reference = reference  # None: the policy with its adapter disabled (or no KL term at all)
         self.tokenizer, self.prompts, self.grader = tokenizer, prompts, grader
         self.run_dir, self.log = Path(run_dir), run_logger
         self.seed = config.training.seed
-        self.kl_ctl = M.build_kl_controller(self.ppo.kl)
-        self.stream = PromptStream(len(prompts.train) if prompts else 1, self.seed)
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.objective = make_objective(self.ppo, self._sum, self.eos_id)
+        self.stream = PromptStream(len(prompts.train) if prompts else 1, self.seed)
 
     # -- collectives -----------------------------------------------------------------------------------------
     def _sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -77,20 +84,37 @@ class PPOTrainer:
             return None, None, None
         return query, query_mask, torch.cat(responses)
 
+    @property
+    def single_update(self) -> bool:
+        """One optimizer step per rollout (one epoch, one minibatch): the update's own forward pass sees the
+        policy that sampled, so its log-probs are the old ones (ratio 1) and no scoring pass is needed."""
+        training = self.training
+        per_rank = self.ppo.rollout_batch_size * self.ppo.num_generations // self.acc.num_processes
+        return self.ppo.ppo_epochs == 1 and per_rank == training.micro_batch_size * training.gradient_accumulation_steps
+
     def _score(self, ro: Rollout) -> None:
-        """Old log-probs, values, entropy and reference log-probs of a rollout, in micro-batches."""
+        """Old log-probs, entropy, and (when the objective needs them) values and reference log-probs of a
+        rollout, in micro-batches. The policy pass is skipped when the update will give the same numbers."""
         micro = self.training.micro_batch_size
         dev = self.acc.device
+        mode, want_ref = self.objective.score_mode, self.objective.uses_reference
+        want_policy = not self.single_update or self.objective.advantages_read_logprobs
         parts = {"lp": [], "v": [], "ent": [], "ref": []}
         with torch.no_grad():
             for i in range(0, ro.query.shape[0], micro):
                 args = [t[i:i + micro].to(dev) for t in (ro.query, ro.query_mask, ro.response, ro.mask)]
-                lp, v, ent = score_tokens(self.model, *args, mode="policy_value", temperature=self.ppo.temperature,
-                                          want_entropy=True)
-                parts["lp"].append(lp.cpu()), parts["v"].append(v.cpu()), parts["ent"].append(ent.cpu())
-                parts["ref"].append(self._reference_logprobs(*args).cpu())
-        ro.logprobs, ro.values = torch.cat(parts["lp"]), torch.cat(parts["v"])
-        ro.entropy, ro.ref_logprobs = torch.cat(parts["ent"]), torch.cat(parts["ref"])
+                if want_policy:
+                    lp, v, ent = score_tokens(self.model, *args, mode=mode, temperature=self.ppo.temperature,
+                                              want_entropy=True)
+                    parts["lp"].append(lp.cpu()), parts["ent"].append(ent.cpu())
+                    if v is not None:
+                        parts["v"].append(v.cpu())
+                if want_ref:
+                    parts["ref"].append(self._reference_logprobs(*args).cpu())
+        ro.logprobs = torch.cat(parts["lp"]) if parts["lp"] else None
+        ro.entropy = torch.cat(parts["ent"]) if parts["ent"] else None
+        ro.values = torch.cat(parts["v"]) if parts["v"] else None
+        ro.ref_logprobs = torch.cat(parts["ref"]) if parts["ref"] else None
 
     def _reference_logprobs(self, query, query_mask, response, mask) -> torch.Tensor:
         if self.reference is None:
@@ -112,23 +136,53 @@ class PPOTrainer:
         return [self.prompts.train[i] for i in mine for _ in range(self.ppo.num_generations)]
 
     def rollout(self, entries: list[dict], timings: dict) -> Rollout:
+        def spent(key: str, since: float) -> None:  # summed: a step may take several generation rounds
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - since
+
         started = time.perf_counter()
         prompts = [e["prompt"] for e in entries]
         query, query_mask, response = self._generate(prompts, sample=True)
         mask = response_mask(response, self.eos_id)
         texts = decode(self.tokenizer, response, mask)
-        timings["generation"] = time.perf_counter() - started
+        spent("generation", started)
         ro = Rollout(query, query_mask, response, mask, texts, [e["item"] for e in entries], prompts)
         pending = self.grader.submit(texts, ro.items)  # grading overlaps the forward passes below
         started = time.perf_counter()
         self._score(ro)
-        timings["forward"] = time.perf_counter() - started
+        spent("forward", started)
         started = time.perf_counter()
         results, latency = pending.result()
-        timings["grading_wait"] = time.perf_counter() - started
-        timings["grader_latency"] = latency
+        spent("grading_wait", started)
+        timings["grader_latency"] = timings.get("grader_latency", 0.0) + latency
         self.apply_grades(ro, results)
         return ro
+
+    def collect(self, timings: dict) -> tuple[Rollout, dict]:
+        """One step's rollout. With dynamic sampling (DAPO), groups without a learning signal (equal rewards,
+        or under two scorable samples) are replaced by groups of freshly drawn prompts, for at most
+        `max_rounds` generation rounds. Every rank runs the same rounds and generates as many groups as the
+        rank that needs most (generation under ZeRO-3 is collective); each keeps what it needs."""
+        ppo, k = self.ppo, self.ppo.num_generations
+        ro = self.rollout(self.local_prompts(self.stream.take(ppo.rollout_batch_size)), timings)
+        info = {"sampling_rounds": 1, "groups_replaced": 0}
+        sampling = getattr(ppo, "dynamic_sampling", None)
+        if sampling is None or not sampling.enabled:
+            return ro, info
+        for _ in range(sampling.max_rounds - 1):
+            useless = self.objective.useless_groups(ro)
+            most = int(self._max(torch.tensor([float(useless.sum())]))[0])
+            if most == 0:
+                break
+            fresh = self.rollout(self.local_prompts(self.stream.take(ppo.rollout_batch_size))[:most * k], timings)
+            good = (~self.objective.useless_groups(fresh)).nonzero().flatten()[:int(useless.sum())].tolist()
+            bad = set(useless.nonzero().flatten()[:len(good)].tolist())
+            rows = lambda groups: [g * k + j for g in groups for j in range(k)]  # noqa: E731
+            kept = [g for g in range(len(useless)) if g not in bad]
+            ro = concat_rollouts([select_rollout(ro, rows(kept)), select_rollout(fresh, rows(good))], self.pad_id)
+            info["sampling_rounds"] += 1
+            info["groups_replaced"] += len(good)
+        info["groups_replaced"] = int(self._sum(torch.tensor([float(info["groups_replaced"])]))[0])
+        return ro, info
 
     @staticmethod
     def apply_grades(ro: Rollout, results) -> None:
@@ -138,65 +192,59 @@ class PPOTrainer:
 
     # -- advantages --------------------------------------------------------------------------------------------
     def advantages(self, ro: Rollout) -> dict:
-        ppo = self.ppo
-        mask = ro.mask * ro.scorable[:, None]
-        scores = ro.scores * ppo.reward.scale
-        if ppo.reward.normalize == "batch":
-            scores = M.whiten(scores[:, None], ro.scorable[:, None], self._sum).squeeze(1)
-        if ppo.reward.clip is not None:
-            scores = scores.clamp(-ppo.reward.clip, ppo.reward.clip)
-        rewards, kl = M.token_rewards(scores, ro.logprobs, ro.ref_logprobs, mask, self.kl_ctl.value)
-        adv, returns = M.gae(rewards, ro.values, mask, ppo.gamma, ppo.lam)
-        if ppo.whiten_advantages:
-            adv = M.whiten(adv, mask, self._sum)
-        return {"mask": mask, "advantages": adv, "returns": returns, "kl": kl, "rewards": rewards}
+        return self.objective.advantages(ro)
 
     # -- update ------------------------------------------------------------------------------------------------
     def update(self, ro: Rollout, adv: dict, step: int) -> dict:
-        """PPO epochs over minibatches; returns token-weighted loss statistics reduced over ranks."""
+        """`ppo_epochs` passes over the rollout in minibatches; importance ratios are taken against the
+        rollout's log-probs. Returns token-weighted statistics reduced over ranks."""
         acc, training, ppo = self.acc, self.training, self.ppo
         micro, accum, world = training.micro_batch_size, training.gradient_accumulation_steps, acc.num_processes
         share = micro * accum
         n = ro.query.shape[0]
         n_mb = n // share
-        mask = adv["mask"]
+        mask, units = adv["mask"], adv["units"]
+        tensors = {k: v for k, v in adv.items() if isinstance(v, torch.Tensor) and v.shape[:1] == (n,)}
+        from_update = ro.logprobs is None  # no scoring pass (single_update): this pass gives the old log-probs
+        if from_update:
+            ro.logprobs, ro.entropy = torch.zeros_like(ro.mask), torch.zeros_like(ro.mask)
+        tensors["old_logprobs"] = ro.logprobs
         perms = [torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + step * 101 + e))
                  for e in range(ppo.ppo_epochs)]
-        local_counts = torch.tensor([[mask[p[m * share:(m + 1) * share]].sum() for m in range(n_mb)] for p in perms],
-                                    dtype=torch.float64)
-        counts = self._sum(local_counts)  # tokens of each global minibatch: the loss is a mean over them
-        names = ("pg_loss", "vf_loss", "entropy", "clipfrac", "vf_clipfrac", "approx_kl", "tokens")
-        stats = torch.zeros(len(names), dtype=torch.float64)
+        local = torch.tensor([[units[p[m * share:(m + 1) * share]].sum() for m in range(n_mb)] for p in perms],
+                             dtype=torch.float64)
+        denominators = self._sum(local)  # each global minibatch's loss is a sum over it divided by these
+        names = self.objective.stat_names
+        stats = torch.zeros(len(names) + 1, dtype=torch.float64)
         dev = acc.device
         self.model.train()
         for e, perm in enumerate(perms):
             for m in range(n_mb):
-                if counts[e, m] == 0:  # every sample of this minibatch unscorable on every rank
+                if denominators[e, m] == 0:  # nothing of this minibatch takes part on any rank
                     continue
                 for a in range(accum):
                     idx = perm[m * share + a * micro:m * share + (a + 1) * micro]
                     args = [t[idx].to(dev) for t in (ro.query, ro.query_mask, ro.response, ro.mask)]
-                    mk = mask[idx].to(dev)
+                    batch = {k: v[idx].to(dev) for k, v in tensors.items()}
+                    mk = batch["mask"]
                     with acc.accumulate(self.model):
-                        lp, values, ent = score_tokens(self.model, *args, mode="policy_value",
+                        lp, values, ent = score_tokens(self.model, *args, mode=self.objective.score_mode,
                                                        temperature=ppo.temperature, want_entropy=True)
-                        pg, clipped, akl = M.policy_loss(lp, ro.logprobs[idx].to(dev), adv["advantages"][idx].to(dev),
-                                                         ppo.clip_range)
-                        vf, vclipped = M.value_loss(values, ro.values[idx].to(dev), adv["returns"][idx].to(dev),
-                                                    ppo.value_clip_range)
-                        total = (pg * mk).sum() + ppo.critic.vf_coef * (vf * mk).sum() \
-                            - ppo.entropy_coef * (ent * mk).sum()
-                        acc.backward(total / float(counts[e, m]) * world * accum)
+                        if from_update:
+                            batch["old_logprobs"] = lp.detach()
+                            ro.logprobs[idx], ro.entropy[idx] = lp.detach().cpu(), ent.detach().cpu()
+                        loss, parts = self.objective.token_loss(lp, values, ent, batch)
+                        total = (loss * batch["weights"]).sum()
+                        acc.backward(total / float(denominators[e, m]) * world * accum)
                         if acc.sync_gradients and training.max_grad_norm and not uses_deepspeed(acc):
                             acc.clip_grad_norm_(self.model.parameters(), training.max_grad_norm)
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     with torch.no_grad():
-                        stats += torch.stack([(x * mk).sum().double().cpu() for x in
-                                              (pg, vf, ent, clipped, vclipped, akl, mk)])
+                        stats += torch.stack([(x * mk).sum().double().cpu() for x in (*parts, mk)])
         stats = self._sum(stats)
         tokens = max(float(stats[-1]), 1.0)
-        return {name: float(stats[i] / tokens) for i, name in enumerate(names[:-1])}
+        return {name: float(stats[i] / tokens) for i, name in enumerate(names)}
 
     # -- evaluation --------------------------------------------------------------------------------------------
     def evaluate_reward(self, entries: list[dict], batch_size: int = 64) -> dict:
@@ -221,25 +269,24 @@ class PPOTrainer:
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"kl_controller": self.kl_ctl.state_dict(), "prompts": self.stream.state_dict()}
+        return {**self.objective.state_dict(), "prompts": self.stream.state_dict()}
 
-    def train(self) -> PPOResult:
+    def train(self) -> RLResult:
         from distributed_ft.grader.client import GraderUnavailable
 
         ppo, training = self.ppo, self.training
-        result = PPOResult(step=0)
+        result = RLResult(step=0)
         with LoopControl(self.acc, training, self.run_dir, self.log) as loop:
             resumed = loop.resume()
             if resumed is not None:
-                self.kl_ctl.load_state_dict(resumed.state["kl_controller"])
+                self.objective.load_state_dict(resumed.state)
                 self.stream.load_state_dict(resumed.state["prompts"])
                 result.step, result.resumed_from = resumed.step, resumed.folder
             while result.step < training.max_steps:
                 started = time.perf_counter()
                 timings: dict[str, float] = {}
-                entries = self.local_prompts(self.stream.take(ppo.rollout_batch_size))
-                ro = self.rollout(entries, timings)
-                counts = self._sum(torch.tensor([len(entries), float((1 - ro.scorable).sum())], dtype=torch.float64))
+                ro, sampling = self.collect(timings)
+                counts = self._sum(torch.tensor([len(ro.texts), float((1 - ro.scorable).sum())], dtype=torch.float64))
                 rate = float(counts[1] / counts[0])
                 if rate > ppo.unscorable_threshold:
                     folder = loop.save(result.step, self.state())
@@ -258,13 +305,14 @@ class PPOTrainer:
                 lr = self.scheduler.get_last_lr()[0]
                 self.scheduler.step()
                 result.step += 1
-                row = self._rollout_stats(ro, counts, rate)
-                kl_coef = self.kl_ctl.value
-                self.kl_ctl.update(row["kl"], int(counts[0]))
+                row = {**self._rollout_stats(ro, counts, rate), **self.objective.step_stats(ro, adv)}
+                if getattr(ppo, "dynamic_sampling", None) is not None and ppo.dynamic_sampling.enabled:
+                    row.update(sampling)
+                self.objective.after_step(row, int(counts[0]))
                 elapsed = time.perf_counter() - started
                 slowest = self._max(torch.tensor([timings[k] for k in ("generation", "forward", "grading_wait",
                                                                         "update", "grader_latency")] + [elapsed]))
-                row = {"step": result.step, **row, **losses, "kl_coef": kl_coef, "lr": lr,
+                row = {"step": result.step, **row, **losses, "lr": lr,
                        "time/generation": float(slowest[0]), "time/forward": float(slowest[1]),
                        "time/grading_wait": float(slowest[2]), "time/update": float(slowest[3]),
                        "grader_latency_s": float(slowest[4]), "time/step": float(slowest[5]),
@@ -280,7 +328,8 @@ class PPOTrainer:
 
     def _rollout_stats(self, ro: Rollout, counts, rate: float) -> dict:
         ok = ro.scorable
-        seq_kl = ((ro.logprobs - ro.ref_logprobs) * ro.mask).sum(1)  # every sample, scorable or not
+        has_ref = ro.ref_logprobs is not None  # no KL term: no reference model, no KL to report
+        seq_kl = ((ro.logprobs - ro.ref_logprobs) * ro.mask).sum(1) if has_ref else torch.zeros(len(ok))
         lengths = ro.mask.sum(1)
         ent = (ro.entropy * ro.mask).sum()
         s = self._sum(torch.stack([
@@ -289,7 +338,7 @@ class PPOTrainer:
         n_ok, n = float(s[2]), float(counts[0])
         mean = float(s[0]) / n_ok if n_ok else None  # no sample scored: no mean reward, never a made-up 0
         std = max(float(s[1]) / n_ok - mean * mean, 0.0) ** 0.5 if n_ok else None
-        return {"reward_mean": mean, "reward_std": std, "kl": float(s[3]) / n,
+        return {"reward_mean": mean, "reward_std": std, "kl": float(s[3]) / n if has_ref else None,
                 "rollout_entropy": float(s[5]) / max(float(s[6]), 1.0), "response_length": float(s[4]) / n,
                 "unscorable_rate": rate, "unscorable": int(counts[1]), "samples": int(n)}
 
@@ -298,7 +347,9 @@ class PPOTrainer:
         if step % self.config.logging.log_every == 0 or step == 1 or step == self.training.max_steps:
             self.log.log(row)
         reward = row["reward_mean"]
-        self.log.progress(step, reward="n/a" if reward is None else f"{reward:.3f}", kl=f"{row['kl']:.3f}")
+        kl = row["kl"]
+        self.log.progress(step, reward="n/a" if reward is None else f"{reward:.3f}",
+                          kl="n/a" if kl is None else f"{kl:.3f}")
 
     def _log_samples(self, step: int, ro: Rollout) -> None:
         if not self.acc.is_main_process or not self.ppo.num_logged_samples:

@@ -1,5 +1,6 @@
 """slurm/ppo.sbatch on the local two-node cluster (.ci/start_slurm): the grader on n2, one ZeRO-2 trainer
-rank on n1 reaching it over HTTP with the job's token, and the grader step stopped at the end."""
+rank on n1 reaching it over HTTP with the job's token, and the grader step stopped at the end; the same
+script runs `dft grpo` for a GRPO config."""
 from __future__ import annotations
 
 import ast
@@ -87,6 +88,27 @@ def test_grader_on_its_own_node_serves_the_trainer_and_stops(tmp_path):
     # The token is in no log.
     for path in logs.iterdir():
         assert not re.search(r"\b[0-9a-f]{64}\b", path.read_text()), path
+
+
+def test_a_grpo_config_runs_dft_grpo_against_the_grader_node(tmp_path):
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    overrides = [f"training.max_steps={STEPS}", "grpo.rollout_batch_size=2", "grpo.num_generations=4",
+                 "training.micro_batch_size=8", "training.gradient_accumulation_steps=1", "grpo.eval_prompts=4",
+                 "data.train.0.num_examples=40", "training.checkpoint_every=100", "logging.progress_bar=false"]
+    job = sbatch(["--nodes=2", "slurm/ppo.sbatch", "configs/grpo/quickstart.yaml", f"output.dir={out}", *overrides],
+                 logs)
+    info = wait_for(job)
+    batch = (logs / f"batch-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", batch
+    assert re.search(rf"\[dft\] grader step {job}\.\d+ stopped\n\[dft\] grpo exited with 0", batch), batch
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["grader"]["urls"] == [f"http://n2:{40000 + int(job) % 20000}"] and "grpo" in saved
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert all(r["unscorable"] == 0 and r["samples"] == 8 and "group_reward_std" in r for r in rows)
+    held_out = json.loads((out / "eval" / "grpo_reward.json").read_text())
+    assert held_out["before"]["scored"] == held_out["after"]["scored"] == held_out["after"]["prompts"] >= 2
+    assert (out / "final" / "model.safetensors").is_file() and not (out / "final" / "critic").exists()
 
 
 def test_one_node_is_refused_before_anything_starts(tmp_path):

@@ -94,7 +94,7 @@ def test_unknown_key_in_dataset_spec_suggests_the_right_one():
      "validation_fraction cannot be combined"),
     ({"train": [{"builtin": "copy"}], "validation_fraction": 0.5}, "validation_fraction"),
     ({"train": [{"builtin": "copy", "columns": {"prompt": "q"}}]}, "builtin 'copy' takes no"),
-    ({"train": [{"path": "a.jsonl", "columns": {"question": "q"}}]}, "columns key 'question'"),
+    ({"train": [{"path": "a.jsonl", "columns": {"query": "q"}}]}, "columns key 'query'"),
     ({"train": [{"builtin": "copy"}], "overlong": "wrap"}, "overlong"),
 ])
 def test_invalid_data_sections(data, needle):

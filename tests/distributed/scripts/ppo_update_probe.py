@@ -1,7 +1,9 @@
-"""One PPO update from a fixed, hand-made batch of rollouts; rank 0 writes the parameter change and stats.
+"""One RL update (PPO, or the GRPO family for a grpo config) from a fixed, hand-made batch of rollouts; rank 0
+writes the parameter change, the advantages of the whole batch and the update's statistics.
 
 Run under any launcher: `python ppo_update_probe.py CONFIG OUT key=value ...`. Every launch sees the same
-global batch (prompts, responses, scores; one sample unscorable) and takes its own rank's slice of it.
+global batch (prompts, responses, scores; one sample unscorable) and takes its own rank's slice of it (whole
+groups: consecutive samples of one prompt stay on one rank).
 """
 from __future__ import annotations
 
@@ -17,14 +19,16 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from distributed_ft.grader.results import GradeResult
+    from distributed_ft.recipes.grpo import GRPORun
     from distributed_ft.recipes.ppo import PPORun
     from distributed_ft.rl.rollout import Rollout, encode_queries, response_mask
 
     config, out, *overrides = sys.argv[1:]
     out = Path(out)
-    run = PPORun(config, [f"output.dir={out}", *overrides]).build().prepare_model()
+    recipe = GRPORun if "/grpo/" in config else PPORun
+    run = recipe(config, [f"output.dir={out}", *overrides]).build().prepare_model()
     trainer = run.make_trainer(grader=None)
-    acc, ppo = run.accelerator, run.config.ppo
+    acc, ppo = run.accelerator, run.section
     n = ppo.rollout_batch_size * ppo.num_generations
     g = torch.Generator().manual_seed(1234)
     prompts = [p["prompt"] for p in run.prompts.train[:ppo.rollout_batch_size] for _ in range(ppo.num_generations)]
@@ -45,10 +49,12 @@ def main() -> None:
     trainer._score(ro)
     trainer.apply_grades(ro, results[sl])
     adv = trainer.advantages(ro)
+    advantages = acc.gather(adv["advantages"].to(acc.device)).cpu()
     stats = trainer.update(ro, adv, step=0)
     after = acc.get_state_dict(run.model)
     if acc.is_main_process:
         delta = {k: (after[k].float() - before[k]).contiguous() for k in before}
+        delta["probe.advantages"] = advantages.contiguous()
         save_file(delta, str(out / "delta.safetensors"))
         (out / "probe.json").write_text(json.dumps({"stats": stats, "world": acc.num_processes}))
     acc.wait_for_everyone()
