@@ -121,8 +121,10 @@ def main() -> int:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parse_args(parser, SMOKE)
     if args.worker:
+        from distributed_ft.engine.process_exit import exit_process
+
         worker(args)
-        return 0
+        exit_process(0)  # a launched rank skips native teardown at interpreter exit, which can abort it
 
     load_before = machine_load()
     with tempfile.TemporaryDirectory(prefix="dft-eval-bench-") as tmp:

@@ -263,8 +263,12 @@ def main() -> int:
     args = parse_args(parser, SMOKE)
 
     if args.rank_worker:
+        from distributed_ft.engine.process_exit import exit_process
+
         rank_worker(args.rank_worker, args.out)
-        return 0
+        # Native teardown at interpreter exit (gloo threads, DeepSpeed ops) can abort a rank whose work is
+        # done ("terminate called without an active exception"): leave as the library's own ranks do.
+        exit_process(0)
 
     import yaml
 

@@ -40,6 +40,18 @@ def _grpo(args) -> int:
     return grpo.run(args.config, args.overrides)
 
 
+def _dpo(args) -> int:
+    from distributed_ft.recipes import dpo
+
+    return dpo.run(args.config, args.overrides)
+
+
+def _rm(args) -> int:
+    from distributed_ft.recipes import rm
+
+    return rm.run(args.config, args.overrides)
+
+
 def _eval_args(p: argparse.ArgumentParser) -> None:
     from distributed_ft.tasks import KINDS
 
@@ -168,6 +180,23 @@ def _grader_check(args) -> int:
         grader.close()
     print(json.dumps(result.to_dict()))
     return 0 if result.reward is not None else 1
+
+
+def _grader_label_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="grader spec (YAML or JSON)")
+    p.add_argument("--input", required=True, metavar="SAMPLES.jsonl",
+                   help="one object per line with 'output' (and the fields the grader's templates read as item.*)")
+    p.add_argument("--output", required=True, metavar="GRADED.jsonl", help="the rows with the grader's 'score'")
+    p.add_argument("--batch-size", type=int, default=64)
+
+
+def _grader_label(args) -> int:
+    from distributed_ft.preference.graded import label_file
+
+    report = label_file(args.config, args.input, args.output, args.batch_size)
+    print(json.dumps({"labelled": report.labelled, "unscorable": report.unscorable,
+                      "samples_per_s": report.samples_per_s, "output": args.output}))
+    return 0
 
 
 def _grader_validate(args) -> int:
@@ -313,6 +342,9 @@ COMMANDS = [
     Command("ppo", "PPO fine-tuning against a grader service", _ppo, _config_args),
     Command("grpo", "critic-free RL (GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE++, GSPO) against a grader", _grpo,
             _config_args),
+    Command("dpo", "preference optimisation on chosen/rejected pairs (DPO, IPO, hinge, SimPO)", _dpo, _config_args),
+    Command("rm", "train a pairwise reward model on chosen/rejected pairs (serves as a score_model grader)", _rm,
+            _config_args),
     Command("eval", "evaluate the model of a config, or score a predictions file", _eval, _eval_args),
     Command("data", "see what the data layer builds from a config", None),
     Command("data inspect", "files read and skipped, cleaning, chunks and tokens per task, sample chunks",
@@ -325,6 +357,8 @@ COMMANDS = [
     Command("grader serve", "serve a grader over HTTP", _grader_serve, _grader_serve_args),
     Command("grader check", "grade one sample locally and print the result as JSON", _grader_check,
             _grader_check_args),
+    Command("grader label", "score a JSONL of samples with a grader: graded samples to train a grader model",
+            _grader_label, _grader_label_args),
     Command("grader validate", "check a grader spec without loading models", _grader_validate,
             lambda p: p.add_argument("--config", required=True)),
     Command("plan", "memory per GPU for each ZeRO stage and offload choice", _plan, _plan_args),

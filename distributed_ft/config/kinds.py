@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from distributed_ft.config.loader import parse_run_sections
-from distributed_ft.config.schema import EvalRunConfig, GRPORunConfig, PPORunConfig, RunConfig
+from distributed_ft.config.schema import (DPORunConfig, EvalRunConfig, GRPORunConfig, PPORunConfig, RMRunConfig,
+                                          RunConfig)
 from distributed_ft.errors import ConfigError, DftError
 from distributed_ft.tasks import kind_of
 
@@ -87,6 +88,36 @@ def parse_grpo(raw: dict, source: str) -> GRPORunConfig:
     return _parse_rl(raw, source, GRPORunConfig, "grpo")
 
 
+def _parse_pairs(raw: dict, source: str, schema, section: str, tasks: tuple[str, ...]):
+    """A preference run (DPO, reward model): pairs, a training strategy and the objective's section."""
+    config, strategy = parse_run_sections(raw, source, schema)
+    if config.model.task not in tasks:
+        raise ConfigError(f"{source}: {section} trains {' or '.join(tasks)} models; model.task is {config.model.task}")
+    if config.model.num_labels not in (None, 1):
+        raise ConfigError(f"{source}: a {section} run scores with one output; model.num_labels must be 1 or unset")
+    if not strategy.trains:
+        raise ConfigError(f"{source}: strategy '{strategy.name}' trains nothing; {section} needs a training strategy")
+    if config.training.max_steps == 0:
+        raise ConfigError(f"{source}: training.max_steps is 0")
+    return config
+
+
+def parse_dpo(raw: dict, source: str) -> DPORunConfig:
+    return _parse_pairs(raw, source, DPORunConfig, "dpo", ("causal_lm",))
+
+
+def parse_rm(raw: dict, source: str) -> RMRunConfig:
+    # the reward head is added to the model whatever its task says: a causal LM or a classifier folder
+    config = _parse_pairs(raw, source, RMRunConfig, "rm", ("causal_lm", "sequence_classification"))
+    wanted, other = ("pairs", "samples") if config.rm.objective == "pairwise" else ("samples", "pairs")
+    if getattr(config, wanted) is None:
+        raise ConfigError(f"{source}: rm.objective {config.rm.objective} trains on a '{wanted}' section, "
+                          "which is missing")
+    if getattr(config, other) is not None:
+        raise ConfigError(f"{source}: rm.objective {config.rm.objective} reads '{wanted}', not '{other}'")
+    return config
+
+
 def parse_eval(raw: dict, source: str) -> EvalRunConfig:
     config, _ = parse_run_sections(raw, source, EvalRunConfig)
     _check_model_and_eval(config, source)
@@ -103,6 +134,8 @@ def parse_grader(raw: dict, source: str):
 KINDS: dict[str, ConfigKind] = {k.name: k for k in (
     ConfigKind("grader", "a grader spec (OpenAI grader format)", parse_grader, ("type",)),
     ConfigKind("grpo", "critic-free RL (GRPO family) against a grader (dft grpo)", parse_grpo, ("grpo",)),
+    ConfigKind("dpo", "preference optimisation on pairs: DPO, IPO, hinge, SimPO (dft dpo)", parse_dpo, ("dpo",)),
+    ConfigKind("rm", "a pairwise reward model on preference pairs (dft rm)", parse_rm, ("rm",)),
     ConfigKind("ppo", "PPO fine-tuning against a grader (dft ppo)", parse_ppo, ("ppo", "grader")),
     ConfigKind("sft", "supervised fine-tuning with a strategy (dft train)", parse_sft, ("strategy",)),
     ConfigKind("eval", "evaluate a model on validation data (dft eval)", parse_eval, ("model",)),

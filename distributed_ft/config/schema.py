@@ -7,6 +7,7 @@ from distributed_ft.data.config import DataConfig
 from distributed_ft.engine.config import LoggingConfig, OutputConfig, TrainingConfig
 from distributed_ft.eval.config import EvalConfig
 from distributed_ft.models.config import ModelConfig
+from distributed_ft.preference.config import DPOConfig, PairsConfig, RMConfig, SamplesConfig
 from distributed_ft.rl.config import GraderSection, GRPOConfig, PPOConfig
 from distributed_ft.strict import StrictModel
 
@@ -60,3 +61,27 @@ class EvalRunConfig(StrictModel):
     eval: EvalConfig = EvalConfig()
     training: TrainingConfig = TrainingConfig(max_steps=0)
     output: OutputConfig = OutputConfig(dir="runs/eval")
+
+
+class _PairRunSections(StrictModel):
+    model: ModelConfig
+    strategy: Any
+    training: TrainingConfig = TrainingConfig(learning_rate=1e-4)
+    logging: LoggingConfig = LoggingConfig()
+
+
+class DPORunConfig(_PairRunSections):
+    """`dft dpo`: preference optimisation of a causal LM on `pairs` with the `dpo` objective."""
+
+    pairs: PairsConfig
+    dpo: DPOConfig = DPOConfig()
+    output: OutputConfig = OutputConfig(dir="runs/dpo")
+
+
+class RMRunConfig(_PairRunSections):
+    """`dft rm`: a one-output sequence-classification head trained on `pairs` (pairwise) or `samples` (pointwise)."""
+
+    pairs: PairsConfig | None = None
+    samples: SamplesConfig | None = None
+    rm: RMConfig = RMConfig()
+    output: OutputConfig = OutputConfig(dir="runs/rm")

@@ -48,7 +48,7 @@ class EvalConfig(StrictModel):
         """
         names = self.metrics.get(task)
         if names is None:
-            names = ["perplexity"] if text_only else list(DEFAULT_METRICS.get(task_type, []))
+            names = ["perplexity"] if text_only else DEFAULT_METRICS.get(task_type, [])
         names = list(names)
         resolve_metrics(names, task_type, task)
         return names

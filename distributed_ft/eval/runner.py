@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from distributed_ft.eval.config import EvalConfig
 from distributed_ft.errors import EvalError
-from distributed_ft.eval.metrics import MetricOptions, check_task_type, compute_metrics
+from distributed_ft.eval.metrics import METRICS, MetricOptions, check_task_type, compute_metrics
 from distributed_ft.tasks import task_of_kind
 
 
@@ -116,8 +116,6 @@ def _text_only(rows: list[dict], task_type: str) -> bool:
 
 
 def _needs_predictions(metric_names: list[str]) -> bool:
-    from distributed_ft.eval.metrics import METRICS
-
     return any(METRICS[name].compute is not None for name in metric_names)
 
 

@@ -43,15 +43,19 @@ class PairsConfig(StrictModel):
     # held out from `train` when no validation source is given
     validation_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     max_length: int = Field(default=128, ge=8)        # prompt + completion tokens, per side
-    max_prompt_length: int = Field(default=64, ge=1)  # the prompt's last tokens are kept
+    max_prompt_length: int | None = Field(default=None, ge=1)  # the prompt's last tokens kept; default half
     eval_pairs: int = Field(default=200, ge=1)        # held-out pairs scored before and after training
 
     @model_validator(mode="after")
     def _prompt_fits(self):
-        if self.max_prompt_length >= self.max_length:
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
                              f"({self.max_length})")
         return self
+
+    @property
+    def prompt_limit(self) -> int:
+        return self.max_prompt_length or self.max_length // 2
 
 
 class DPOConfig(StrictModel):
@@ -70,7 +74,30 @@ class DPOConfig(StrictModel):
         return self
 
 
+class GradedSource(StrictModel):
+    """Graded samples for a pointwise grader: a built-in task (scored by a rule grader) or a JSONL file."""
+
+    builtin: PairBuiltin | None = None
+    path: str | None = None
+    num_examples: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.builtin is None) == (self.path is None):
+            raise ValueError("set exactly one of builtin and path")
+        return self
+
+
+class SamplesConfig(StrictModel):
+    train: list[GradedSource] = Field(min_length=1)
+    validation_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    max_length: int = Field(default=128, ge=8)
+    eval_samples: int = Field(default=200, ge=2)
+
+
 class RMConfig(StrictModel):
-    objective: Literal["pairwise"] = "pairwise"
+    # pairwise: Bradley-Terry on `pairs`; pointwise: (prompt, output, reference) -> score regression on `samples`
+    objective: Literal["pairwise", "pointwise"] = "pairwise"
+    threshold: float = 0.5                   # pointwise: accuracy of "score >= threshold" against the source
     margin: float = 0.0                      # a fixed margin; a `margin` column overrides it per pair
     center_rewards_coefficient: float | None = Field(default=None, ge=0.0)

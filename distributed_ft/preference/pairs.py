@@ -90,13 +90,23 @@ def builtin_pairs(task: str, n: int, seed: int) -> list[dict]:
     """A correct completion of built-in task `task` (chosen) against a corrupted one (rejected)."""
     rng = random.Random(f"pairs:{task}:{seed}")
     rows = builtin_rows(task, n, seed, generative=True)
-    return [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": corrupt(r["completion"], rng)}
+    return [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": corrupt(r["completion"], rng, task)}
             for r in rows]
 
 
-def corrupt(completion: str, rng: random.Random) -> str:
+def corrupt(completion: str, rng: random.Random, task: str = "") -> str:
     """The completion with one symbol replaced by another of its kind (a digit by a digit, a letter by a
-    letter), so the rejected side looks plausible and differs in exactly one place."""
+    letter), so the rejected side looks plausible and differs in exactly one place. A sorted answer has two
+    neighbours swapped instead: out of order, with the same digits."""
+    if task == "sort":
+        text = completion.strip()
+        swaps = [i for i in range(len(text) - 1) if text[i] != text[i + 1]]
+        if swaps:
+            i = rng.choice(swaps)
+            lead = completion[:len(completion) - len(completion.lstrip())]
+            return lead + text[:i] + text[i + 1] + text[i] + text[i + 2:]
+    if task == "parity":  # the other valid answer
+        return completion.replace("0", "x").replace("1", "0").replace("x", "1")
     positions = [i for i, ch in enumerate(completion) if not ch.isspace()]
     i = rng.choice(positions)
     ch = completion[i]
@@ -110,3 +120,15 @@ def split_pairs(pairs: list[dict], fraction: float, seed: int) -> tuple[list[dic
     random.Random(f"split:{seed}").shuffle(order)
     held = int(round(len(pairs) * fraction))
     return [pairs[i] for i in order[held:]], [pairs[i] for i in order[:held]]
+
+
+def build_pairs(config, seed: int, render=None) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) pairs for a `pairs` section; held-out pairs come from `validation` or are split off."""
+    train = [p for source in config.train for p in load_pairs(source, seed, render)]
+    if config.validation:
+        held = [p for source in config.validation for p in load_pairs(source, seed + 1, render)]
+    else:
+        train, held = split_pairs(train, config.validation_fraction, seed)
+    if not train:
+        raise PairDataError("pairs.train: no training pairs left after holding out pairs.validation_fraction")
+    return train, held[:config.eval_pairs]

@@ -9,6 +9,7 @@ from distributed_ft.recipes.rl_run import RLRun
 from distributed_ft.recipes.rl_run import run as run_stages
 
 ADAMW_STATE_BYTES = 8  # exp_avg + exp_avg_sq in fp32 per trainable parameter
+MODEL_STATE_BYTES = 16  # + the fp32 weight and its gradient
 
 
 class GRPORun(RLRun):
@@ -30,17 +31,21 @@ class GRPORun(RLRun):
 
     def _log_critic_saving(self, policy) -> None:
         """What PPO would add for its critic on this model, logged once: the shared value head, or a
-        separate critic (a copy of the backbone plus the head), with their AdamW state."""
+        separate critic (a copy of the backbone plus the head): parameters, AdamW state, and the model-state
+        bytes they hold at peak (fp32 weights + gradients + AdamW state)."""
         from distributed_ft.engine.logging import logger
         from distributed_ft.rl.model import backbone_of, is_peft
 
-        hidden = policy.config.hidden_size
         base = policy.get_base_model() if is_peft(policy) else policy
-        head = hidden + 1
+        head = policy.config.hidden_size + 1
         separate = sum(p.numel() for p in backbone_of(base).parameters()) + head
-        logger.info(f"{self.kind}: no critic: {head:,} parameters and {head * ADAMW_STATE_BYTES:,} optimizer bytes "
-                    f"fewer than PPO with a shared value head ({separate:,} parameters and "
-                    f"{separate * ADAMW_STATE_BYTES:,} optimizer bytes fewer than a separate critic)")
+
+        def saving(n: int) -> str:
+            return (f"{n:,} parameters, {n * ADAMW_STATE_BYTES:,} optimizer-state bytes, "
+                    f"{n * MODEL_STATE_BYTES:,} model-state bytes at peak")
+
+        logger.info(f"{self.kind}: no critic: {saving(head)} fewer than PPO with a shared value head "
+                    f"({saving(separate)} fewer than PPO with a separate critic)")
 
 
 def run(config_path: str, overrides: list[str]) -> int:

@@ -99,18 +99,22 @@ def assert_same_update(single, d1, multi, d2):
         torch.testing.assert_close(d2[name], d1[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+REINFORCE_SINGLE_UPDATE = ("grpo.algorithm=reinforce_pp_baseline", "grpo.kl.beta=0", "grpo.ppo_epochs=1")
+
+
 @pytest.fixture(scope="module")
 def single_reinforce(tmp_path_factory):
     out = tmp_path_factory.mktemp("probe") / "single"
-    return probe([sys.executable], out, 8, "grpo.algorithm=reinforce_pp_baseline")
+    return probe([sys.executable], out, 8, *REINFORCE_SINGLE_UPDATE)
 
 
 def test_groups_on_two_ddp_ranks_give_one_process_advantages_and_update(single_reinforce, tmp_path):
     """REINFORCE++ with a group baseline: group means on each rank, then whitening over both ranks' tokens:
-    the same advantages and parameter change as one process."""
+    the same advantages and parameter change as one process. One optimizer step per rollout, so the
+    rollout's scoring pass is skipped and the update's own pass gives the old log-probs (ratio 1)."""
     single, d1 = single_reinforce
-    ddp, d2 = probe([*LAUNCH, "--config_file", "launch/ddp_cpu.yaml"], tmp_path / "ddp", 4,
-                    "grpo.algorithm=reinforce_pp_baseline")
+    ddp, d2 = probe([*LAUNCH, "--config_file", "launch/ddp_cpu.yaml"], tmp_path / "ddp", 4, *REINFORCE_SINGLE_UPDATE)
+    assert single["stats"]["approx_kl"] == 0 and single["stats"]["clipfrac_low"] == 0
     assert_same_update(single, d1, ddp, d2)
 
 

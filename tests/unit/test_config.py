@@ -138,5 +138,6 @@ def test_every_shipped_config_loads_as_its_kind():
         kind, _ = load_any(path)
         counts[kind.name] = counts.get(kind.name, 0) + 1
         assert main(["config", "validate", str(path)]) == 0, path
-    assert counts["sft"] >= 14 and counts["grader"] >= 7 and counts["ppo"] >= 4 and counts["grpo"] >= 4 and counts["eval"] >= 1, counts
+    assert counts["sft"] >= 14 and counts["grader"] >= 7 and counts["ppo"] >= 4 and counts["grpo"] >= 4 and counts["eval"] >= 1 \
+        and counts["dpo"] >= 1 and counts["rm"] >= 1, counts
     assert sum(counts.values()) == len(configs) >= 30

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "distributed_ft"
 LAYERS = [
     {"strict", "errors", "tasks"},
     {"engine", "strategies", "data", "models"},
-    {"rl", "eval", "grader", "cluster"},
+    {"rl", "eval", "grader", "cluster", "preference"},
     {"config"},
     {"recipes"},
     {"cli", "__main__", "__init__"},

@@ -1,0 +1,157 @@
+"""`dft dpo`: offline preference optimisation (DPO, IPO, hinge, SimPO) of a causal LM with any strategy.
+
+The reference is the policy with its adapter disabled for PEFT strategies (no second copy of the weights),
+else a frozen copy of the base (loaded sharded under ZeRO-3), or log-probs precomputed in one pass
+and kept in the run folder (`dpo.reference: precomputed`), so a resume reuses them.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from distributed_ft.errors import ModelError
+from distributed_ft.recipes.pair_run import PairRun, run_pairs
+
+REFERENCE_FILE = "reference_logps.safetensors"
+
+
+class DPORun(PairRun):
+    kind = "dpo"
+    model_task = "causal_lm"
+    metric_names = ["rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
+                    "logps/rejected"]
+
+    def tokenize(self, pair: dict) -> dict:
+        from distributed_ft.preference.batches import tokenize_lm_pair
+
+        pairs = self.config.pairs
+        return tokenize_lm_pair(self.tokenizer, pair, pairs.max_length, pairs.prompt_limit)
+
+    def after_model(self) -> None:
+        self.dpo = self.config.dpo
+        self.reference = None
+        self.precomputed: dict[str, torch.Tensor] = {}
+        if self.dpo.loss != "simpo" and self.dpo.reference == "live" and not _is_peft(self.model):
+            from distributed_ft.engine.distributed import deepspeed_requested
+
+            # The base loaded again, not a deep copy: hook-based adapters would keep running the policy's own
+            # modules in a copy, and under ZeRO-3 the weights are already shards (zero.Init) a copy cannot use.
+            reference = self.load_base()
+            if not (deepspeed_requested() and self.accelerator.state.deepspeed_plugin.zero_stage == 3):
+                # the policy's own base weights, new embedding rows included
+                missing = reference.load_state_dict(self.model.state_dict(), strict=False).missing_keys
+                if missing:
+                    raise ModelError(f"the DPO reference cannot take the policy's weights ({missing[0]} is "
+                                     "missing); use dpo.reference: precomputed")
+            self.reference = reference.requires_grad_(False).eval()
+
+    def before_training(self) -> None:
+        from distributed_ft.engine.distributed import zero_stage
+
+        if self.reference is not None:
+            if zero_stage(self.accelerator) == 3:
+                from trl.models.utils import prepare_deepspeed
+
+                self.reference = prepare_deepspeed(self.reference, self.accelerator)  # sharded like the policy
+            else:
+                self.reference = self.reference.to(self.accelerator.device)
+            self._record_reference()
+        if self.dpo.loss != "simpo" and self.dpo.reference == "precomputed":
+            self._precompute()
+
+    def _record_reference(self) -> None:
+        """What each rank holds of the frozen reference, next to the policy's figures (ranks/rank-N.json)."""
+        from distributed_ft.engine.rundir import record_rank
+
+        held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in self.reference.parameters())
+        record_rank(self.accelerator, self.run_dir, [self.model], reference_local_parameters=held)
+
+    def _precompute(self) -> None:
+        """Collective: reference log-probs of every train and held-out pair, read back on a resume."""
+        from safetensors.torch import load_file, save_file
+
+        from distributed_ft.engine.logging import logger
+        from distributed_ft.preference.loop import sharded_map
+
+        path = self.run_dir / REFERENCE_FILE
+        sizes = {"train": len(self.train_pairs), "held": len(self.held_pairs)}
+        if path.is_file():
+            saved = load_file(str(path))
+            if all(saved[k].shape[0] == n for k, n in sizes.items()):
+                self.precomputed = saved
+                logger.info(f"reference log-probs read from {path}")
+                return
+        self.model.eval()
+        for split, examples in (("train", self.train_pairs), ("held", self.held_pairs)):
+            def score(indices, examples=examples):
+                with torch.no_grad():
+                    return self._reference_forward(self.model, [examples[i] for i in indices]).view(2, -1).T
+            self.precomputed[split] = sharded_map(self.accelerator, len(examples), self.config.training.micro_batch_size,
+                                                  score).contiguous()
+        self.model.train()
+        if self.accelerator.is_main_process:
+            save_file(self.precomputed, str(path))
+        self.accelerator.wait_for_everyone()
+        logger.info(f"reference log-probs of {sizes['train']} + {sizes['held']} pairs written to {path}")
+
+    # --- scoring -----------------------------------------------------------------------------------------
+    def _logps(self, model, examples: list[dict]):
+        from distributed_ft.preference.batches import collate_lm_pairs
+        from distributed_ft.preference.losses import sequence_logps
+
+        batch = {k: v.to(self.accelerator.device)
+                 for k, v in collate_lm_pairs(examples, self.tokenizer.pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # prompt-learning adapters prepend virtual tokens to the outputs: keep the real tokens' positions
+        return sequence_logps(logits[:, -batch["input_ids"].shape[1]:], batch["labels"])
+
+    def _reference_forward(self, policy, examples: list[dict]) -> torch.Tensor:
+        """[2B] reference log-probs: the frozen copy, or the policy with its adapter disabled."""
+        with torch.no_grad():
+            if self.reference is not None:
+                with self.accelerator.autocast():
+                    return self._logps(self.reference, examples)[0]
+            with _adapter_disabled(self.accelerator.unwrap_model(policy)):
+                return self._logps(policy, examples)[0]
+
+    def _reference(self, policy, split: str, indices: list[int], examples: list[dict]) -> torch.Tensor:
+        if self.dpo.loss == "simpo":
+            return torch.zeros(2 * len(examples), device=self.accelerator.device)
+        if self.precomputed:
+            ref = self.precomputed[split][indices]
+            return ref.T.reshape(-1).to(self.accelerator.device)
+        return self._reference_forward(policy, examples)
+
+    def _loss(self, model, split: str, indices: list[int]):
+        from distributed_ft.preference.losses import dpo_loss
+
+        examples = [(self.train_pairs if split == "train" else self.held_pairs)[i] for i in indices]
+        logps, tokens = self._logps(model, examples)
+        ref = self._reference(model, split, indices, examples)
+        b = len(examples)
+        loss, chosen, rejected = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], tokens[:b], tokens[b:],
+                                          loss=self.dpo.loss, beta=self.dpo.beta,
+                                          label_smoothing=self.dpo.label_smoothing, simpo_gamma=self.dpo.simpo_gamma)
+        return loss, chosen, rejected, logps[:b].detach(), logps[b:].detach()
+
+    def pair_loss(self, model, indices: list[int]):
+        loss, chosen, rejected, lp_c, lp_r = self._loss(model, "train", indices)
+        return loss, {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margin": chosen - rejected,
+                      "rewards/accuracy": (chosen > rejected).float(), "logps/chosen": lp_c, "logps/rejected": lp_r}
+
+    def pair_scores(self, model, indices: list[int]):
+        _, chosen, rejected, _, _ = self._loss(model, "held", indices)
+        return chosen.detach(), rejected.detach()
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def _adapter_disabled(model):
+    return model.disable_adapter() if _is_peft(model) else contextlib.nullcontext()
+
+
+def run(config_path: str, overrides: list[str]) -> int:
+    return run_pairs(DPORun(config_path, overrides))
