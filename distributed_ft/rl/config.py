@@ -110,7 +110,6 @@ ALGORITHM_DEFAULTS: dict[str, dict] = {
     "gspo": dict(advantage="group_mean_std", loss_aggregation="seq_mean_token_mean", epsilon_low=3e-4,
                  epsilon_high=4e-4, importance_ratio="sequence", kl=dict(beta=0.0)),
 }
-GROUP_ADVANTAGES = ("group_mean_std", "group_mean", "leave_one_out", "group_mean_batch")
 
 
 class GRPOConfig(RolloutConfig):

@@ -164,10 +164,10 @@ class RLTrainer:
         rank that needs most (generation under ZeRO-3 is collective); each keeps what it needs."""
         ppo, k = self.ppo, self.ppo.num_generations
         ro = self.rollout(self.local_prompts(self.stream.take(ppo.rollout_batch_size)), timings)
-        info = {"sampling_rounds": 1, "groups_replaced": 0}
         sampling = getattr(ppo, "dynamic_sampling", None)
         if sampling is None or not sampling.enabled:
-            return ro, info
+            return ro, {}  # nothing to report: one round, nothing replaced
+        info = {"sampling_rounds": 1, "groups_replaced": 0}
         for _ in range(sampling.max_rounds - 1):
             useless = self.objective.useless_groups(ro)
             most = int(self._max(torch.tensor([float(useless.sum())]))[0])
@@ -305,9 +305,7 @@ class RLTrainer:
                 lr = self.scheduler.get_last_lr()[0]
                 self.scheduler.step()
                 result.step += 1
-                row = {**self._rollout_stats(ro, counts, rate), **self.objective.step_stats(ro, adv)}
-                if getattr(ppo, "dynamic_sampling", None) is not None and ppo.dynamic_sampling.enabled:
-                    row.update(sampling)
+                row = {**self._rollout_stats(ro, counts, rate), **self.objective.step_stats(ro, adv), **sampling}
                 self.objective.after_step(row, int(counts[0]))
                 elapsed = time.perf_counter() - started
                 slowest = self._max(torch.tensor([timings[k] for k in ("generation", "forward", "grading_wait",
