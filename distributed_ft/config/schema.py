@@ -75,6 +75,8 @@ class DPORunConfig(_PairRunSections):
 
     pairs: PairsConfig
     dpo: DPOConfig = DPOConfig()
+    # generations for the held-out prompts scored against their chosen answers, before and after, as `dft train`
+    eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig(dir="runs/dpo")
 
 

@@ -91,6 +91,14 @@ class RunEvaluation:
         return result
 
 
+def run_metadata(model_path: str, strategy: str, config) -> dict:
+    """What a run's report says it evaluated: the model, the strategy and the resolved config."""
+    from distributed_ft.strict import config_hash, config_to_dict
+
+    return {"model": model_path, "strategy": strategy, "config": config_to_dict(config),
+            "config_hash": config_hash(config)}
+
+
 def flat_scores(result: EvalResult) -> dict:
     return {f"eval/{task}/{metric}": value
             for task, task_result in result.tasks.items() for metric, value in task_result.scores.items()}

@@ -36,6 +36,13 @@ class PairSource(StrictModel):
     def source(self) -> str:
         return f"builtin '{self.builtin}'" if self.builtin else str(self.path)
 
+    @property
+    def task_name(self) -> str:
+        """The task its held-out prompts are reported under: the built-in's name or the file's stem."""
+        from pathlib import Path
+
+        return self.builtin or Path(self.path).stem
+
 
 class PairsConfig(StrictModel):
     train: list[PairSource] = Field(min_length=1)

@@ -123,10 +123,14 @@ def split_pairs(pairs: list[dict], fraction: float, seed: int) -> tuple[list[dic
 
 
 def build_pairs(config, seed: int, render=None) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) pairs for a `pairs` section; held-out pairs come from `validation` or are split off."""
-    train = [p for source in config.train for p in load_pairs(source, seed, render)]
+    """(train, held-out) pairs for a `pairs` section; held-out pairs come from `validation` or are split off.
+    Each pair carries its source's `task` name, under which its prompt is reported."""
+    def read(sources, seed):
+        return [{**p, "task": source.task_name} for source in sources for p in load_pairs(source, seed, render)]
+
+    train = read(config.train, seed)
     if config.validation:
-        held = [p for source in config.validation for p in load_pairs(source, seed + 1, render)]
+        held = read(config.validation, seed + 1)
     else:
         train, held = split_pairs(train, config.validation_fraction, seed)
     if not train:

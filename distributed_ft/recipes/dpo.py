@@ -60,6 +60,21 @@ class DPORun(PairRun):
         if self.dpo.loss != "simpo" and self.dpo.reference == "precomputed":
             self._precompute()
 
+    def make_evaluation(self):
+        """Generations for the held-out prompts scored against their chosen answers, as `dft train` scores
+        its validation data: report.md beside the pairwise figures."""
+        from distributed_ft.eval.session import EvalInputs, RunEvaluation, run_metadata
+
+        if not self.config.eval.enabled:
+            return None
+        records = [{"task": p["task"], "prompt": p["prompt"], "reference": p["chosen"]} for p in self.held_rows]
+        log = self.run_logger
+        return RunEvaluation(EvalInputs(
+            model=self.model, tokenizer=self.tokenizer, accelerator=self.accelerator, records=records,
+            task_types={r["task"]: "generation" for r in records}, config=self.config.eval, out_dir=self.run_dir,
+            metadata=run_metadata(self.model_path, self.strategy.name, self.config),
+            log=log.log, log_final=log.log_to_tracker))
+
     def _record_reference(self) -> None:
         """What each rank holds of the frozen reference, next to the policy's figures (ranks/rank-N.json)."""
         from distributed_ft.engine.rundir import record_rank

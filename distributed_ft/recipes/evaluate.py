@@ -37,9 +37,8 @@ def run(config_path: str, overrides: list[str]) -> int:
     from distributed_ft.data import build_data
     from distributed_ft.engine.distributed import build_accelerator, configure_device_env
     from distributed_ft.engine.logging import setup_console_logging
-    from distributed_ft.eval.session import EvalInputs, RunEvaluation
+    from distributed_ft.eval.session import EvalInputs, RunEvaluation, run_metadata
     from distributed_ft.strategies import build_few_shot_records, get_strategy
-    from distributed_ft.strict import config_hash, config_to_dict
     from distributed_ft.tasks import kind_of
 
     configure_device_env()
@@ -60,8 +59,7 @@ def run(config_path: str, overrides: list[str]) -> int:
     evaluation = RunEvaluation(EvalInputs(
         model=accelerator.prepare(model.eval()), tokenizer=tokenizer, accelerator=accelerator, records=records,
         task_types={r["task"]: kind for r in records}, config=config.eval, out_dir=Path(config.output.dir),
-        metadata={"model": model_path, "strategy": strategy.name if strategy is not None else "evaluation only",
-                  "config": config_to_dict(config), "config_hash": config_hash(config)},
+        metadata=run_metadata(model_path, strategy.name if strategy is not None else "evaluation only", config),
         trains=False))
     try:
         evaluation.final()

@@ -35,7 +35,7 @@ class PairRun:
         self.run_dir = check_run_dir(self.config)
         self.strategy = get_strategy(self.config.strategy.name)
         set_seed(self.config.training.seed)
-        self.loop = self.result = self.run_logger = None
+        self.loop = self.result = self.run_logger = self.evaluation = None
 
     # --- what a subclass provides ---------------------------------------------------------------------
     def tokenize(self, pair: dict) -> dict:
@@ -65,6 +65,11 @@ class PairRun:
     def before_training(self) -> None:
         """Called once the model is wrapped, before the baseline (precomputed references are made here)."""
 
+    def make_evaluation(self):
+        """The end-of-run evaluation of generations (eval.session.RunEvaluation), or None: a reward model
+        generates nothing."""
+        return None
+
     # --- the stages ------------------------------------------------------------------------------------
     def build(self) -> "PairRun":
         from distributed_ft.engine.logging import logger
@@ -76,9 +81,9 @@ class PairRun:
         config = self.config
         self.tokenizer, self.model_path, added_pad = load_tokenizer_for(config.model)
         render = lambda messages, gen: render_messages(self.tokenizer, messages, gen)  # noqa: E731
-        train, held = self.load_data(render)
+        train, self.held_rows = self.load_data(render)
         self.train_pairs = [self.tokenize(p) for p in train]
-        self.held_pairs = [self.tokenize(p) for p in held]
+        self.held_pairs = [self.tokenize(p) for p in self.held_rows]
         model_cfg = config.model.model_copy(update={"task": self.model_task})
         self.load_base = lambda: load_model(model_cfg, self.tokenizer, self.model_path, added_pad=added_pad,  # noqa: E731
                                             num_labels=1)
@@ -107,6 +112,7 @@ class PairRun:
         self.loop.prepare()
         self.model = self.loop.model
         self.before_training()
+        self.evaluation = self.make_evaluation()
         return self
 
     def evaluate(self, tag: str) -> dict:
@@ -161,10 +167,14 @@ def run_pairs(job: PairRun) -> int:
     job.build().prepare()
     try:
         job.evaluate("baseline")
+        if job.evaluation:
+            job.evaluation.baseline()
         if job.train().stopped_by:
             return EXIT_STOPPED
         job.save()
         job.evaluate("final")
+        if job.evaluation:
+            job.evaluation.final(job.result.step)
         return 0
     finally:
         job.close()

@@ -187,8 +187,7 @@ class RLRun:
     # -- the supervised evaluation (metrics against references), when eval.enabled ---------------------------
     def _evaluation(self):
         """Held-out prompts whose item carries a text reference, scored like an SFT run's generations."""
-        from distributed_ft.eval.session import EvalInputs, RunEvaluation
-        from distributed_ft.strict import config_hash, config_to_dict
+        from distributed_ft.eval.session import EvalInputs, RunEvaluation, run_metadata
 
         records = []
         for p in self.prompts.held_out:
@@ -200,8 +199,7 @@ class RLRun:
             model=self.model, tokenizer=self.tokenizer, accelerator=self.accelerator,
             records=records, task_types={r["task"]: "generation" for r in records}, config=self.config.eval,
             out_dir=self.run_dir,
-            metadata={"model": self.model_path, "strategy": self.strategy.name, "config": config_to_dict(self.config),
-                      "config_hash": config_hash(self.config)},
+            metadata=run_metadata(self.model_path, self.strategy.name, self.config),
             log=log.log if log else None, log_final=log.log_to_tracker if log else None))
 
     def evaluate_baseline(self):

@@ -84,9 +84,8 @@ class SFTRun:
 
     def _evaluation(self):
         """The run's evaluation, over the prepared model, with the validation records the data layer built."""
-        from distributed_ft.eval.session import EvalInputs, RunEvaluation
+        from distributed_ft.eval.session import EvalInputs, RunEvaluation, run_metadata
         from distributed_ft.strategies import build_few_shot_records
-        from distributed_ft.strict import config_hash, config_to_dict
         from distributed_ft.tasks import kind_of
 
         records = list(self.data.eval_records or [])
@@ -97,8 +96,7 @@ class SFTRun:
         return RunEvaluation(EvalInputs(
             model=self.model, tokenizer=self.tokenizer, accelerator=self.accelerator, records=records,
             task_types={r["task"]: kind for r in records}, config=self.config.eval, out_dir=self.run_dir,
-            metadata={"model": self.model_path, "strategy": self.strategy.name, "config": config_to_dict(self.config),
-                      "config_hash": config_hash(self.config)},
+            metadata=run_metadata(self.model_path, self.strategy.name, self.config),
             log=log.log if log else None, log_final=log.log_to_tracker if log else None,
             trains=self.strategy.trains))
 

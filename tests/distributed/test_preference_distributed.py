@@ -1,6 +1,6 @@
 """`dft dpo` and `dft rm` on 2 real CPU ranks give one process's loss curve and held-out figures for the same
-global batch: DPO with LoRA under DDP (reference = adapter disabled), DPO with full fine-tuning under ZeRO-3
-(the frozen reference sharded like the policy), the reward model under ZeRO-2."""
+global batch: DPO with LoRA under DDP and ZeRO-2 (reference = adapter disabled), DPO with full fine-tuning
+under ZeRO-3 (the frozen reference sharded like the policy), the reward model under ZeRO-2 and ZeRO-3."""
 from __future__ import annotations
 
 import json
@@ -46,8 +46,22 @@ def same_run(one: Path, two: Path) -> None:
     assert [r["world_size"] for r in ranks] == [2, 2]
 
 
-def test_dpo_lora_ddp_equals_one_process(tmp_path):
-    same_run(run("dpo", None, tmp_path / "one", 8), run("dpo", "launch/ddp_cpu.yaml", tmp_path / "ddp", 4))
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """Each recipe's one-process run, made once for the 2-rank runs compared with it."""
+    made = {}
+
+    def get(recipe: str, *extra: str) -> Path:
+        key = (recipe, *extra)
+        if key not in made:
+            made[key] = run(recipe, None, tmp_path_factory.mktemp(recipe), 8, *extra)
+        return made[key]
+    return get
+
+
+@pytest.mark.parametrize("launch", ["ddp", "zero2"])
+def test_dpo_lora_equals_one_process(tmp_path, one_process, launch):
+    same_run(one_process("dpo"), run("dpo", f"launch/{launch}_cpu.yaml", tmp_path / launch, 4))
 
 
 def test_dpo_full_zero3_equals_one_process_with_a_sharded_reference(tmp_path):
@@ -59,7 +73,10 @@ def test_dpo_full_zero3_equals_one_process_with_a_sharded_reference(tmp_path):
         assert info["reference_local_parameters"] == info["local_parameters"]  # half of the copy, too
 
 
-def test_rm_zero2_equals_one_process(tmp_path):
-    two = run("rm", "launch/zero2_cpu.yaml", tmp_path / "zero2", 4, "training.learning_rate=0.001")
-    same_run(run("rm", None, tmp_path / "one", 8, "training.learning_rate=0.001"), two)
+@pytest.mark.parametrize("launch", ["zero2", "zero3"])
+def test_rm_equals_one_process(tmp_path, one_process, launch):
+    two = run("rm", f"launch/{launch}_cpu.yaml", tmp_path / launch, 4, "training.learning_rate=0.001")
+    same_run(one_process("rm", "training.learning_rate=0.001"), two)
     assert (two / "final" / "model.safetensors").is_file() and (two / "grader.yaml").is_file()
+    for rank in sorted((two / "ranks").glob("rank-*.json")):
+        assert json.loads(rank.read_text())["zero_stage"] == int(launch[-1])

@@ -21,7 +21,8 @@ def test_shipped_configs_load_and_name_their_command(path, tmp_path):
     that exists), the grader spec it names exists and loads, and every value the file sets reaches the loaded
     config, each section changing at least one default. Planted bugs seen failing: the loader dropping the
     `ppo` section (defaults used instead); a first line naming another file; grader.config pointing at a
-    missing spec; a launch config that does not exist."""
+    missing spec (or at a reward model's spec no command on the first line writes); a launch config that does
+    not exist."""
     check_shipped_config(path, path.read_text(), tmp_path)
 
 
@@ -42,8 +43,11 @@ def check_shipped_config(path: Path, text: str, tmp_path: Path) -> None:
     assert words[words.index("ppo") + 1] == f"configs/ppo/{path.name}", first
     if "--config_file" in words:
         assert (REPO / words[words.index("--config_file") + 1]).is_file(), first
-    # 2. the grader it starts exists and loads
-    if config.grader.config is not None:
+    # 2. the grader it starts exists and loads, or is the spec a reward-model run named first writes
+    if config.grader.config is not None and config.grader.config.startswith("runs/"):
+        rm_run = load_config(REPO / words[words.index("rm") + 1], kind="rm")
+        assert str(Path(rm_run.output.dir) / "grader.yaml") == config.grader.config, first
+    elif config.grader.config is not None:
         spec = REPO / config.grader.config
         assert spec.is_file(), spec
         assert load_grader_spec(spec).type

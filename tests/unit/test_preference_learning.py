@@ -1,7 +1,7 @@
 """Short preference runs through the CLI on the built-in pairs: the (LoRA) reward model goes from chance to
 >= 0.9 held-out pairwise accuracy and, served by `dft grader serve` from its run folder's spec, scores chosen
-above rejected over HTTP exactly as the run's own evaluation did; DPO with LoRA raises held-out preference
-accuracy and margin; a resumed DPO run (reference log-probs kept in the run folder) continues with the losses
+above rejected over HTTP exactly as the run's own evaluation did, and PPO against it raises its reward; DPO with LoRA raises held-out preference
+accuracy and margin, and the chosen answers' perplexity in its end-of-run evaluation; a resumed DPO run (reference log-probs kept in the run folder) continues with the losses
 of an uninterrupted one."""
 from __future__ import annotations
 
@@ -34,13 +34,19 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_reward_model_learns_and_is_a_grader(tmp_path):
+@pytest.fixture(scope="module")
+def lora_reward_model(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rm") / "rm"
+    dft("rm", "configs/rm/lora.yaml", f"output.dir={out}", *RM_RUN)
+    return out
+
+
+def test_reward_model_learns_and_is_a_grader(lora_reward_model):
     from distributed_ft.config import load_config
     from distributed_ft.grader.client import GraderClient
     from distributed_ft.preference.pairs import build_pairs
 
-    out = tmp_path / "rm"
-    dft("rm", "configs/rm/lora.yaml", f"output.dir={out}", *RM_RUN)
+    out = lora_reward_model
     figures = report(out)
     assert 0.35 <= figures["baseline"]["accuracy"] <= 0.65, figures
     assert figures["final"]["accuracy"] >= 0.9 and figures["final"]["margin"] > 1.0, figures
@@ -63,9 +69,24 @@ def test_reward_model_learns_and_is_a_grader(tmp_path):
     assert float(margin.mean()) == pytest.approx(figures["final"]["margin"], rel=1e-4)
 
 
+def test_ppo_against_the_trained_reward_model_raises_its_reward(lora_reward_model, tmp_path):
+    """configs/ppo/reward_model.yaml, shortened, with the reward model's grader spec started for the run."""
+    out = tmp_path / "ppo"
+    dft("ppo", "configs/ppo/reward_model.yaml", f"grader.config={lora_reward_model / 'grader.yaml'}",
+        f"output.dir={out}", "training.max_steps=16", "training.checkpoint_every=100", "logging.progress_bar=false")
+    reward = json.loads((out / "eval" / "ppo_reward.json").read_text())
+    before, after = reward["before"], reward["after"]
+    assert before["scored"] == after["scored"] == 32   # every held-out answer scored by the reward model
+    assert after["mean_reward"] > before["mean_reward"] + 1.0, reward
+
+
 def test_dpo_lora_raises_held_out_accuracy_and_margin(tmp_path):
+    from distributed_ft.config import load_config
+    from distributed_ft.preference.pairs import build_pairs
+
     out = tmp_path / "dpo"
-    dft("dpo", "configs/dpo/quickstart.yaml", f"output.dir={out}", *DPO_RUN)
+    dft("dpo", "configs/dpo/quickstart.yaml", f"output.dir={out}", *DPO_RUN, "pairs.eval_pairs=48",
+        "eval.max_new_tokens=8")
     figures = report(out)
     # the policy starts as its own reference: every implicit reward is 0
     assert figures["baseline"]["accuracy"] == 0.5 and figures["baseline"]["margin"] == 0.0
@@ -73,6 +94,16 @@ def test_dpo_lora_raises_held_out_accuracy_and_margin(tmp_path):
     rows = metrics(out)
     assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3) and rows[-1]["loss"] < 0.6
     assert (out / "final" / "adapter_model.safetensors").is_file()
+    # the end-of-run evaluation, as `dft train`'s: the held-out prompts answered before and after, against
+    # their chosen answers, which the trained policy finds likelier (perplexity down)
+    scored = json.loads((out / "eval" / "report.json").read_text())["tasks"]["sort"]
+    assert scored["n"] == scored["n_baseline"] == 48
+    perplexity = scored["metrics"]["perplexity"]
+    assert perplexity["fine_tuned"] < 0.9 * perplexity["baseline"], perplexity
+    predictions = [json.loads(line) for line in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
+    config = load_config("configs/dpo/quickstart.yaml", [*DPO_RUN, "pairs.eval_pairs=48"], kind="dpo")
+    _, held = build_pairs(config.pairs, config.training.seed)
+    assert [(p["input"], p["reference"]) for p in predictions] == [(p["prompt"], p["chosen"]) for p in held]
 
 
 def test_dpo_resume_continues_with_identical_losses(tmp_path, reference="precomputed"):
