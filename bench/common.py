@@ -1,6 +1,7 @@
 """Shared pieces of the training benchmarks: a seeded Llama folder with a word-level tokenizer,
-fixed-length synthetic text rows, peak-memory readings, machine load, result files, and the `--smoke`
-mode every benchmark has (`parse_args`, `Sanity`, `exit_status`).
+fixed-length and lognormal-length synthetic text rows, peak-memory readings, machine load, the CPU's
+native-bf16 flag and matmul peak, result files, and the `--smoke` mode every benchmark has (`parse_args`,
+`Sanity`, `exit_status`).
 
 Every synthetic word is one token of the word-level tokenizer and the tokenizer adds no special
 tokens, so a text of at least N words truncated to N tokens is exactly the first N word ids: the
@@ -27,6 +28,9 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 # The throughput model: ~4.2M parameters, fp32.
 SMALL_LLAMA = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, vocab_size=2000)
+# A ~100M-class model (134.3M parameters untied, 85.0M outside the embedding and LM head), fp32.
+LLAMA_100M = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                  num_key_value_heads=12, vocab_size=32000)
 # The --smoke model: ~0.15M parameters, for checking that code paths run, never for timing.
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=500)
@@ -90,6 +94,34 @@ def synthetic_rows(n_rows: int, seq_len: int, vocab_size: int, seed: int = 0) ->
     return [[rng.randrange(first, vocab_size) for _ in range(seq_len)] for _ in range(n_rows)]
 
 
+def lognormal_lengths(n_rows: int, median_len: float, cap: int, *, sigma: float = 0.8, minimum: int = 8,
+                      seed: int = 0) -> list[int]:
+    """`n_rows` row lengths drawn from a lognormal with this median and log-space spread `sigma`, rounded and
+    clipped to [minimum, cap]; deterministic for a given seed."""
+    if not 1 <= minimum <= cap:
+        raise ValueError(f"need 1 <= minimum ({minimum}) <= cap ({cap})")
+    rng = random.Random(seed)
+    return [min(cap, max(minimum, round(median_len * math.exp(sigma * rng.gauss(0.0, 1.0))))) for _ in range(n_rows)]
+
+
+def eos_rows(lengths: list[int], vocab_size: int, eos_id: int, seed: int = 0) -> list[list[int]]:
+    """One row per length: length - 1 word ids drawn as in `synthetic_rows`, then `eos_id`. That is exactly
+    what a causal-LM data pipeline makes of the text of those words when it appends EOS to every row (see
+    `write_words_jsonl`), so the engine and loops fed these ids see the same tokens."""
+    rng = random.Random(seed)
+    first = len(SPECIAL_TOKENS)
+    return [[rng.randrange(first, vocab_size) for _ in range(n - 1)] + [eos_id] for n in lengths]
+
+
+def write_words_jsonl(path: str | Path, rows: list[list[int]]) -> Path:
+    """Write each row but its last (EOS) id as {"text": words}: one word per id, nothing added or cut."""
+    path = Path(path)
+    with open(path, "w") as handle:
+        for ids in rows:
+            handle.write(json.dumps({"text": " ".join(word(i - len(SPECIAL_TOKENS)) for i in ids[:-1])}) + "\n")
+    return path
+
+
 def write_text_jsonl(path: str | Path, rows: list[list[int]], extra_words: int = 8) -> Path:
     """Write rows as {"text": ...}; a few extra words per row make the engine truncate to exactly seq_len."""
     path = Path(path)
@@ -119,6 +151,51 @@ def machine_load() -> dict:
     one, five, fifteen = os.getloadavg()
     return {"loadavg_1m": round(one, 2), "loadavg_5m": round(five, 2), "loadavg_15m": round(fifteen, 2),
             "cpus": os.cpu_count()}
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (x86 AVX512-BF16 or AMX-BF16, Arm BF16); without it torch emulates
+    bf16 through fp32, which is slower than fp32 itself."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return bool(set(value.split()) & {"avx512_bf16", "amx_bf16", "bf16"})
+    return False
+
+
+def matmul_peak(size: int = 2048, threads: int | None = None, repeats: int = 3) -> dict:
+    """This machine's measured matmul rate, FLOP/s for fp32 and bf16: the best of `repeats` timed
+    `size`^3 products (after one untimed), on `threads` torch threads (the current setting if None).
+    The product is `F.linear(x, w)`, what a model's linear layers compute; on a CPU without native bf16
+    torch's bf16 `F.linear` is several times faster than its bf16 `torch.mm`, so this is the bf16 peak."""
+    import torch
+    import torch.nn.functional as F
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        out = {"size": size, "threads": torch.get_num_threads(), "repeats": repeats, "op": "F.linear"}
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            generator = torch.Generator().manual_seed(0)
+            x = torch.randn(size, size, generator=generator).to(dtype)
+            w = torch.randn(size, size, generator=generator).to(dtype)
+            with torch.no_grad():
+                F.linear(x, w)
+                best = float("inf")
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    F.linear(x, w)
+                    best = min(best, time.perf_counter() - start)
+            out[f"{name}_flops"] = 2 * size ** 3 / best
+            out[f"{name}_best_s"] = best
+        return out
+    finally:
+        torch.set_num_threads(before)
 
 
 def versions() -> dict:

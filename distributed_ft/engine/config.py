@@ -7,6 +7,8 @@ from pydantic import Field, field_validator, model_validator
 
 from distributed_ft.strict import StrictModel
 
+DEFAULT_LOSS_CHUNK_TOKENS = 1024
+
 
 class TrainingConfig(StrictModel):
     max_steps: int = Field(default=100, ge=0)
@@ -22,6 +24,13 @@ class TrainingConfig(StrictModel):
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # each micro-batch as a few passes over rows of similar length, each padded to its own longest row:
+    # the same gradient without computing on padding (engine/length_groups.py)
+    length_grouping: bool = True
+    # the causal-LM loss (training, and evaluation's reference loss): the head's logits for this many tokens
+    # at a time, recomputed in backward, so a batch's full-vocabulary logits never exist at once (null: the
+    # whole batch's at once; models whose logits are not the head's output always take that path)
+    loss_chunk_tokens: int | None = Field(default=DEFAULT_LOSS_CHUNK_TOKENS, ge=1)
     seed: int = 42
     checkpoint_every: int | None = Field(default=None, ge=1)
     keep_checkpoints: int = Field(default=2, ge=2)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from distributed_ft.engine.cpu_features import report_cpu_precision
+from distributed_ft.engine.logging import setup_console_logging
 from distributed_ft.errors import ConfigError
 
 
@@ -62,7 +64,8 @@ def _deepspeed_plugin(training):
 
 def build_accelerator(training, logging=None, run_dir: str | None = None):
     """Create the Accelerator for this launch (gloo on CPU, DeepSpeed when the launcher asked for it), with
-    the experiment trackers `logging` names writing under `run_dir`."""
+    the experiment trackers `logging` names writing under `run_dir`; console logging is set up for it (rank 0
+    at INFO), and on CPU the log says whether bf16 is native there."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
@@ -83,6 +86,9 @@ def build_accelerator(training, logging=None, run_dir: str | None = None):
     accelerator = Accelerator(gradient_accumulation_steps=training.gradient_accumulation_steps,
                               mixed_precision=training.mixed_precision, kwargs_handlers=handlers, **kwargs)
     _check_topology(accelerator)
+    setup_console_logging(accelerator.is_main_process)
+    if accelerator.device.type == "cpu":
+        report_cpu_precision(training.mixed_precision)
     return accelerator
 
 
@@ -106,3 +112,22 @@ def zero_stage(accelerator) -> int | None:
     if not uses_deepspeed(accelerator):
         return None
     return accelerator.state.deepspeed_plugin.zero_stage
+
+
+def gathers_per_module_call(accelerator) -> bool:
+    """ZeRO-3 over several processes: every call of a partitioned module gathers its weights collectively."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return accelerator.num_processes > 1 and plugin is not None and plugin.zero_stage == 3
+
+
+def agree_on_max(accelerator):
+    """Where module calls are collective, n -> the largest n over the processes (itself a collective), so every
+    process makes as many calls; None elsewhere."""
+    if not gathers_per_module_call(accelerator):
+        return None
+    import torch
+
+    def agree(n: int) -> int:
+        return int(accelerator.gather(torch.tensor([n], device=accelerator.device)).max())
+
+    return agree

@@ -7,6 +7,7 @@ with the same global batch would compute it.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,9 @@ from pathlib import Path
 import torch
 
 from distributed_ft.data.collate import collate, model_inputs
-from distributed_ft.engine.distributed import uses_deepspeed
+from distributed_ft.engine.chunked_loss import chunked_loss_for
+from distributed_ft.engine.distributed import agree_on_max, uses_deepspeed
+from distributed_ft.engine.length_groups import length_groups, split_to
 from distributed_ft.engine.losses import loss_terms, per_example_loss
 from distributed_ft.engine.loop import LoopControl
 from distributed_ft.engine.optim import build_optimizer, build_scheduler
@@ -43,6 +46,7 @@ class Trainer:
         self.terms = [loss_terms(ex, self.task) for ex in data.train]
         self.lengths = [len(ex["input_ids"]) for ex in data.train]
         self.model = model
+        self.computed_tokens = 0   # tokens the passes computed, padding included (this rank, this step)
 
     def prepare(self):
         """Wrap model and optimizer for the launch (DDP, DeepSpeed engine); idempotent."""
@@ -52,6 +56,8 @@ class Trainer:
         self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.training)
         self.acc.register_for_checkpointing(self.scheduler)
+        self.chunked_loss = chunked_loss_for(self.acc.unwrap_model(self.model), self.task,
+                                             self.training.loss_chunk_tokens, agree_on_max(self.acc))
         if self.on_prepared is not None:
             self.on_prepared(self.model)
 
@@ -71,7 +77,10 @@ class Trainer:
                 started = time.perf_counter()
                 global_idx = sampler.next_indices(micro * accum * world)
                 n_terms = max(1, sum(self.terms[i] for i in global_idx))
+                self.computed_tokens = 0
                 stats, grad_norm = self._step(global_idx, n_terms, n_tasks)
+                if not result.losses:  # this process's first step
+                    self._say_batching(global_idx)
                 lr = self.scheduler.get_last_lr()[0]  # the rate this step used
                 self.scheduler.step()
                 result.step += 1
@@ -104,22 +113,58 @@ class Trainer:
         grad_norm = None
         for a in range(accum):
             local = global_idx[(a * world + rank) * micro:(a * world + rank + 1) * micro]
-            batch = {k: v.to(acc.device) for k, v in collate([self.data.train[i] for i in local], self.pad_id).items()}
+            passes = self._passes(local)
             with acc.accumulate(self.model):
-                per_example = self._forward(batch)
-                acc.backward(per_example.sum() / n_terms * world * accum)
+                for p, rows in enumerate(passes):
+                    batch = {k: v.to(acc.device) for k, v in collate([self.data.train[i] for i in rows],
+                                                                     self.pad_id).items()}
+                    # the micro-batch's last pass reduces the gradients of all of them
+                    with contextlib.nullcontext() if p == len(passes) - 1 else _reduce_later(acc, self.model):
+                        per_example = self._forward(batch)
+                        acc.backward(per_example.sum() / n_terms * world * accum)
+                    tasks = batch["task_ids"].cpu()
+                    stats[:n_tasks].index_add_(0, tasks, per_example.detach().double().cpu())
+                    stats[n_tasks:2 * n_tasks].index_add_(
+                        0, tasks, torch.tensor([float(self.terms[i]) for i in rows], dtype=torch.float64))
                 if acc.sync_gradients and not uses_deepspeed(acc):  # DeepSpeed clips and measures itself
                     # an infinite bound measures the global norm without clipping
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), training.max_grad_norm or float("inf"))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            tasks = batch["task_ids"].cpu()
-            stats[:n_tasks].index_add_(0, tasks, per_example.detach().double().cpu())
-            stats[n_tasks:2 * n_tasks].index_add_(0, tasks, torch.tensor([float(self.terms[i]) for i in local],
-                                                                          dtype=torch.float64))
         return stats, grad_norm
 
+    def _say_batching(self, global_idx: list[int]) -> None:
+        """The run log's line on how the first step's rows were batched, and what that saved."""
+        from distributed_ft.engine.logging import logger
+
+        acc, micro = self.acc, self.training.micro_batch_size
+        slices = [global_idx[s:s + micro] for s in range(0, len(global_idx), micro)]
+        padded = sum(len(s) * max(self.lengths[i] for i in s) for s in slices)
+        useful = sum(self.lengths[i] for i in global_idx)
+        computed = int(acc.reduce(torch.tensor([self.computed_tokens], device=acc.device), reduction="sum"))
+        how = ("length-grouped passes (training.length_grouping)" if self.training.length_grouping
+               else "one padded pass per micro-batch (training.length_grouping off)")
+        logger.info(f"batches: {how}; the first step computed {computed:,} tokens for {useful:,} real ones "
+                    f"(padded micro-batches: {padded:,})")
+
+    def _passes(self, local: list[int]) -> list[list[int]]:
+        """This rank's micro-batch as forward/backward passes over rows of similar length (one pass when
+        length grouping is off). DeepSpeed reduces gradients in every backward, so its ranks agree on the
+        number of passes."""
+        lengths = [self.lengths[i] for i in local]
+        if not self.training.length_grouping:
+            self.computed_tokens += len(local) * max(lengths)
+            return [local]
+        groups = length_groups(lengths)
+        if uses_deepspeed(self.acc) and self.acc.num_processes > 1:
+            count = int(self.acc.gather(torch.tensor([len(groups)], device=self.acc.device)).max())
+            groups = split_to(groups, lengths, count)
+        self.computed_tokens += sum(len(g) * max(lengths[j] for j in g) for g in groups)
+        return [[local[j] for j in group] for group in groups]
+
     def _forward(self, batch: dict) -> torch.Tensor:
+        if self.chunked_loss is not None:
+            return self.chunked_loss(self.model, model_inputs(batch), batch["labels"])
         logits = self.model(**model_inputs(batch)).logits
         return per_example_loss(logits, batch["labels"], self.task)
 
@@ -137,3 +182,17 @@ class Trainer:
                     row[f"loss/{name}"] = float(stats[t] / stats[n_tasks + t])
         self.log.log(row)
         self.log.progress(step, loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+
+
+@contextlib.contextmanager
+def _reduce_later(acc, model):
+    """Backward passes that add into this rank's gradients without reducing them across ranks (DDP's no_sync;
+    for DeepSpeed, not an accumulation boundary): a later pass of the same micro-batch reduces them all."""
+    state = acc.gradient_state
+    syncing = state.sync_gradients
+    state._set_sync_gradients(False)
+    try:
+        with acc.no_sync(model):
+            yield
+    finally:
+        state._set_sync_gradients(syncing)

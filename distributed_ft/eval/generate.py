@@ -16,6 +16,9 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from distributed_ft.engine.chunked_loss import chunked_loss_for
+from distributed_ft.engine.config import DEFAULT_LOSS_CHUNK_TOKENS
+from distributed_ft.engine.distributed import agree_on_max, gathers_per_module_call
 from distributed_ft.eval.metrics import loss_and_perplexity
 from distributed_ft.tasks import IGNORE_INDEX
 
@@ -92,8 +95,7 @@ def _needs_synced_steps(accelerator: Any) -> bool:
     every forward pass, even while the parameters are gathered; so ranks keep stepping (HF's synced_gpus)
     until all of them are done. The parameters are still gathered once per batch.
     """
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return accelerator.num_processes > 1 and plugin is not None and plugin.zero_stage == 3
+    return gathers_per_module_call(accelerator)
 
 
 def _gather(pairs: list[tuple[int, Any]], n: int, accelerator: Any) -> list[Any]:
@@ -178,23 +180,30 @@ def predict_labels(model: torch.nn.Module, tokenizer: Any, texts: list[str], acc
     return _gather(local, n, accelerator)
 
 
-def eval_loss(model: torch.nn.Module, batches: Iterable[dict], accelerator: Any) -> dict[str, float]:
+def eval_loss(model: torch.nn.Module, batches: Iterable[dict], accelerator: Any,
+              chunk_tokens: int | None = DEFAULT_LOSS_CHUNK_TOKENS) -> dict[str, float]:
     """Token-summed causal-LM loss over this process's `batches`, reduced across processes.
 
     Each batch holds input_ids, attention_mask and labels (IGNORE_INDEX where no loss is taken).
     Every process must pass the same number of batches (a prepared DataLoader does), because
-    forward passes under ZeRO-3 are collective. Returns eval_loss, perplexity and tokens.
+    forward passes under ZeRO-3 are collective. The head's logits are computed `chunk_tokens` at a time
+    where the model allows it (None: for the whole batch). Returns eval_loss, perplexity and tokens.
     """
     total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     with _eval_mode(model):
+        chunked = chunked_loss_for(accelerator.unwrap_model(model), "causal_lm", chunk_tokens,
+                                   agree_on_max(accelerator))
         for batch in batches:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            labels = batch.pop("labels")[:, 1:]
-            logits = model(**batch).logits[:, :-1].float()
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                     ignore_index=IGNORE_INDEX, reduction="sum").double()
-            count += (labels != IGNORE_INDEX).sum().double()
+            labels = batch.pop("labels")
+            if chunked is not None:
+                total += chunked(model, batch, labels).sum().double()
+            else:
+                logits = model(**batch).logits[:, :-1].float()
+                total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                         ignore_index=IGNORE_INDEX, reduction="sum").double()
+            count += (labels[:, 1:] != IGNORE_INDEX).sum().double()
     if accelerator.num_processes > 1:
         total = accelerator.reduce(total, reduction="sum")
         count = accelerator.reduce(count, reduction="sum")

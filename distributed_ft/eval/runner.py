@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+from distributed_ft.engine.config import DEFAULT_LOSS_CHUNK_TOKENS
 from distributed_ft.eval.config import EvalConfig
 from distributed_ft.errors import EvalError
 from distributed_ft.eval.metrics import METRICS, MetricOptions, check_task_type, compute_metrics
@@ -125,8 +126,10 @@ def _label_names(model: Any, accelerator: Any) -> dict[int, str]:
 
 
 def evaluate(model: Any, tokenizer: Any, records: list[dict], accelerator: Any, cfg: EvalConfig,
-             task_types: dict[str, str]) -> EvalResult:
-    """Evaluate `model` on `records`; every process must call this and gets the same EvalResult."""
+             task_types: dict[str, str], loss_chunk_tokens: int | None = DEFAULT_LOSS_CHUNK_TOKENS) -> EvalResult:
+    """Evaluate `model` on `records`; every process must call this and gets the same EvalResult.
+
+    `loss_chunk_tokens`: the reference loss's logits this many tokens at a time (None: the whole batch's)."""
     from distributed_ft.eval.generate import (eval_loss, generate_predictions, predict_labels,
                                               reference_loss_batches)
 
@@ -162,7 +165,7 @@ def evaluate(model: Any, tokenizer: Any, records: list[dict], accelerator: Any, 
         if "perplexity" in metric_names[task]:
             batches = reference_loss_batches(tokenizer, [r["prompt"] for r in rows], [r["reference"] for r in rows],
                                              accelerator, cfg.batch_size)
-            loss = eval_loss(model, batches, accelerator)
+            loss = eval_loss(model, batches, accelerator, loss_chunk_tokens)
             extra[task] = {"eval_loss": loss["eval_loss"], "perplexity": loss["perplexity"]}
     loss_s = time.perf_counter() - start
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from distributed_ft.engine.config import DEFAULT_LOSS_CHUNK_TOKENS
 from distributed_ft.engine.logging import logger
 from distributed_ft.eval.config import EvalConfig
 from distributed_ft.eval.runner import EvalResult, evaluate
@@ -31,6 +32,9 @@ class EvalInputs:
     log_final: Callable[[dict, int], None] | None = None
     # the model trains: a baseline before training is worth measuring (and kept on disk across resumes)
     trains: bool = True
+    # the reference loss's logits this many tokens at a time (None: the whole batch's); runs that train pass
+    # training.loss_chunk_tokens
+    loss_chunk_tokens: int | None = DEFAULT_LOSS_CHUNK_TOKENS
 
 
 class RunEvaluation:
@@ -43,7 +47,7 @@ class RunEvaluation:
 
     def _evaluate(self) -> EvalResult:
         i = self.inputs
-        return evaluate(i.model, i.tokenizer, i.records, i.accelerator, i.config, i.task_types)
+        return evaluate(i.model, i.tokenizer, i.records, i.accelerator, i.config, i.task_types, i.loss_chunk_tokens)
 
     def baseline(self) -> EvalResult | None:
         """Evaluate the untrained model once; a resumed run reads it back instead of redoing it. A model that

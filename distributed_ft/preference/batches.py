@@ -1,8 +1,10 @@
 """Tokenized pairs and their batches: chosen and rejected sides stacked into one [chosen; rejected] batch,
-so one forward scores both."""
+so one forward scores both (or a few, over rows of similar lengths: `score_in_groups`)."""
 from __future__ import annotations
 
 import torch
+
+from distributed_ft.engine.length_groups import length_groups
 
 from distributed_ft.errors import DataError
 from distributed_ft.tasks import IGNORE_INDEX
@@ -66,3 +68,16 @@ def collate_rm_pairs(pairs: list[dict], pad_id: int, default_margin: float) -> d
         attention[i, :len(row)] = 1
     margin = torch.tensor([default_margin if p.get("margin") is None else p["margin"] for p in pairs])
     return {"input_ids": input_ids, "attention_mask": attention, "margin": margin}
+
+
+def score_in_groups(lengths: torch.Tensor, pass_cost: int | None, score) -> tuple[torch.Tensor, ...]:
+    """score(rows, width) -> per-row tensors of those rows, padded to `width`, called once per length group
+    (engine/length_groups.py; one group of every row when `pass_cost` is None); the results are put back in
+    row order by a differentiable gather, so the gradient is the one the whole padded batch gives, up to float
+    rounding."""
+    groups = [list(range(len(lengths)))] if pass_cost is None else length_groups(lengths.tolist(), pass_cost)
+    if len(groups) == 1:
+        return score(torch.arange(len(lengths)), int(lengths.max()))
+    parts = [score(torch.tensor(g), int(lengths[g].max())) for g in groups]
+    inverse = torch.argsort(torch.tensor([i for g in groups for i in g]))
+    return tuple(torch.cat(column)[inverse.to(column[0].device)] for column in zip(*parts))

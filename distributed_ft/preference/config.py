@@ -100,6 +100,9 @@ class SamplesConfig(StrictModel):
     validation_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     max_length: int = Field(default=128, ge=8)
     eval_samples: int = Field(default=200, ge=2)
+    # the grader config that scored the file samples (`dft grader label --config`), timed against the trained
+    # model on the held-out samples; built-in samples default to their own rule grader
+    grader: str | None = None
 
 
 class RMConfig(StrictModel):

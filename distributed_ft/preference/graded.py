@@ -68,6 +68,18 @@ def label_samples(grader, rows: list[dict], batch_size: int = 64) -> tuple[list[
     return out, LabelReport(len(out), unscorable, round(len(out) / elapsed, 1))
 
 
+def grader_samples_per_s(grader, rows: list[dict], batch_size: int = 64, min_seconds: float = 1.0) -> float:
+    """`grader`'s throughput on `rows`, run as `dft grader label` runs it (label_samples, batches of `batch_size`),
+    after one untimed batch (a process pool's or a model's first call measures its start-up, not its speed) and
+    over whole passes until `min_seconds` have gone by (one pass of a rule grader takes milliseconds)."""
+    label_samples(grader, rows[:batch_size], batch_size)
+    done, started = 0, time.perf_counter()
+    while not done or time.perf_counter() - started < min_seconds:
+        label_samples(grader, rows, batch_size)
+        done += len(rows)
+    return round(done / (time.perf_counter() - started), 1)
+
+
 def label_file(grader_config: str, input_path: str, output_path: str, batch_size: int = 64) -> LabelReport:
     from distributed_ft.grader.engine import load_grader
 
@@ -98,6 +110,12 @@ def read_graded(path: str) -> list[dict]:
     return [check_graded(row, f"{path} row {i + 1}") for i, row in enumerate(read_samples(path))]
 
 
+# The grader that scores the built-in samples, as a grader spec: the rule grader the trained model is timed
+# against (builtin_graded calls its metric directly, which gives the same scores without the grader engine).
+BUILTIN_GRADER = {"type": "text_similarity", "name": "fuzzy_match", "input": "{{ sample.output_text }}",
+                  "reference": "{{ item.reference }}", "evaluation_metric": "fuzzy_match"}
+
+
 def builtin_graded(task: str, n: int, seed: int) -> list[dict]:
     """Outputs of built-in task `task` with 0 to 3 symbols corrupted, each scored against the correct answer
     by the `text_similarity` grader's fuzzy_match (a rule grader): graded samples that need no download."""
@@ -114,6 +132,18 @@ def builtin_graded(task: str, n: int, seed: int) -> list[dict]:
         out.append({"prompt": row["prompt"], "output": output, "reference": row["completion"],
                     "score": fuzzy_match(output, row["completion"])})
     return out
+
+
+def source_grader_spec(config):
+    """The spec of the grader that scored a `samples` section's rows: `samples.grader`, else BUILTIN_GRADER when
+    every source is built in; None for file samples whose grader is not named."""
+    from distributed_ft.grader.spec import load_grader_spec, parse_grader_spec
+
+    if config.grader is not None:
+        return load_grader_spec(config.grader)
+    if all(source.builtin is not None for source in config.train):
+        return parse_grader_spec(BUILTIN_GRADER, "the built-in samples' grader")
+    return None
 
 
 def build_graded(config, seed: int) -> tuple[list[dict], list[dict]]:

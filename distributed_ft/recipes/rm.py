@@ -13,7 +13,6 @@ class RMRun(PairRun):
     kind = "rm"
     model_task = "sequence_classification"
     metric_names = ["accuracy", "margin", "rewards/chosen", "rewards/rejected"]
-    pointwise = False
 
     def tokenize(self, pair: dict) -> dict:
         from distributed_ft.preference.batches import tokenize_rm_pair
@@ -22,17 +21,25 @@ class RMRun(PairRun):
         render = lambda prompt, completion: reward_text(self.tokenizer, prompt, completion)  # noqa: E731
         return tokenize_rm_pair(self.tokenizer, pair, self.config.pairs.max_length, render)
 
+    def grader_input(self) -> list[dict] | None:
+        """The served grader spec's `input`; None: REWARD_INPUT, prompt and completion as training renders them."""
+        return None
+
     def after_model(self) -> None:
         # one output is a reward, not a 1-class classifier: a saved config with that problem type does not load
         self.model.config.problem_type = None
 
     def _rewards(self, model, examples: list[dict]):
-        from distributed_ft.preference.batches import collate_rm_pairs
+        from distributed_ft.preference.batches import collate_rm_pairs, score_in_groups
 
         batch = collate_rm_pairs(examples, self.tokenizer.pad_token_id, self.config.rm.margin)
         device = self.accelerator.device
-        rewards = model(input_ids=batch["input_ids"].to(device),
-                        attention_mask=batch["attention_mask"].to(device)).logits[:, 0].float()
+
+        def score(rows, width):  # in length groups (PairRun.pass_cost)
+            ids, mask = (batch[k][rows, :width].to(device) for k in ("input_ids", "attention_mask"))
+            return (model(input_ids=ids, attention_mask=mask).logits[:, 0].float(),)
+
+        rewards, = score_in_groups(batch["attention_mask"].sum(1), self.pass_cost, score)
         b = len(examples)
         return rewards[:b], rewards[b:], batch["margin"].to(device)
 
@@ -69,7 +76,7 @@ class RMRun(PairRun):
                     logger.warning(f"no grader.yaml: the reward model stays an adapter in {final} ({err})")
                     served = None
             if served is not None:
-                spec = reward_grader_spec(served.resolve(), pointwise=self.pointwise)
+                spec = reward_grader_spec(served.resolve(), input_messages=self.grader_input())
                 (self.run_dir / "grader.yaml").write_text(f"# dft grader serve --config {self.run_dir / 'grader.yaml'}\n"
                                                           + yaml.safe_dump(spec, sort_keys=False))
         self.accelerator.wait_for_everyone()

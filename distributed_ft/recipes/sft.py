@@ -98,7 +98,7 @@ class SFTRun:
             task_types={r["task"]: kind for r in records}, config=self.config.eval, out_dir=self.run_dir,
             metadata=run_metadata(self.model_path, self.strategy.name, self.config),
             log=log.log if log else None, log_final=log.log_to_tracker if log else None,
-            trains=self.strategy.trains))
+            trains=self.strategy.trains, loss_chunk_tokens=self.config.training.loss_chunk_tokens))
 
     def evaluate_baseline(self):
         """The model before training, evaluated once per run (kept on disk across resumes)."""

@@ -17,7 +17,10 @@ SCRIPT = REPO / "tests" / "distributed" / "scripts" / "train_probe.py"
 STEPS = 8
 COMMON = [f"training.max_steps={STEPS}", "training.learning_rate=0.003", "training.warmup_steps=0",
           "training.max_grad_norm=0.5", "logging.log_every=1", "eval.enabled=false",
-          "data.train.0.num_examples=300", "data.train.1.num_examples=300", "data.validation_fraction=0.0"]
+          "data.train.0.num_examples=300", "data.train.1.num_examples=300", "data.validation_fraction=0.0",
+          # the loss 16 tokens at a time: several chunks per micro-batch, and under ZeRO-3 ranks with fewer
+          # tokens than the other pad with empty chunks (each chunk gathers the head's weights)
+          "training.loss_chunk_tokens=16"]
 LAUNCH = {
     "single": ([sys.executable], {}),
     "ddp": ([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/ddp_cpu.yaml"],
@@ -77,6 +80,17 @@ def test_loss_curves_match_single_process(full_runs):
     assert len(reference) == STEPS and reference[-1] < reference[0]
     for kind in ("ddp", "zero2", "zero3"):
         assert losses(full_runs[kind]) == pytest.approx(reference, rel=2e-4, abs=2e-5), kind
+
+
+def test_chunked_loss_draws_the_whole_batch_logits_curve(full_runs, tmp_path):
+    """Every run above computes its loss in chunks; one process computing the whole batch's logits at once
+    draws the same loss and gradient-norm curves."""
+    plain = launch("single", "configs/full.yaml", tmp_path / "plain", "training.loss_chunk_tokens=null")
+    chunked = full_runs["single"]
+    assert losses(chunked) == pytest.approx(losses(plain), rel=1e-5)
+    norms = [[json.loads(line)["grad_norm"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+             for run in (chunked, plain)]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)
 
 
 def test_topology_and_zero3_sharding(full_runs):
