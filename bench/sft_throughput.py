@@ -62,8 +62,8 @@ from bench.common import (LLAMA_100M, REPO, SMALL_LLAMA, SPECIAL_TOKENS, TINY_LL
 BATCH, SEQ_LEN, LR = 16, 256, 1e-4  # the benchmark's batch (--batch-size) and fixed row length (--seq-len)
 MODELS = {"tiny": TINY_LLAMA, "small": SMALL_LLAMA, "100m": LLAMA_100M}
 # --steps, --warmup, --rounds, --timeout when not given, per mode and model. Variable mode: TRL's default
-# (emulated bf16, padded) takes over a minute a step on the small model here, the 100M model tens of seconds
-# a step in fp32
+# (emulated bf16, padded) takes over a minute a step on the small model here; the 100M model takes from half
+# a minute to over two minutes a step in fp32
 DEFAULTS = {("fixed", "tiny"): (10, 3, 2, 900), ("fixed", "small"): (10, 3, 2, 900),
             ("fixed", "100m"): (3, 1, 1, 3600), ("variable", "tiny"): (6, 2, 1, 3600),
             ("variable", "small"): (6, 2, 1, 3600), ("variable", "100m"): (3, 1, 1, 7200)}
