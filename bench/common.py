@@ -223,12 +223,27 @@ def write_results(name: str, payload: dict, smoke: bool = False) -> Path:
     return path
 
 
+def run_process(cmd: list[str], env: dict, timeout: float):
+    """subprocess.run with output captured, in its own process group: on timeout the whole group is killed, so a
+    launcher's rank processes cannot outlive it and load the machine for whatever runs next."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise SystemExit(f"{' '.join(cmd[:4])} ... did not finish within {timeout} s (its processes were killed)")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 def run_worker(cmd: list[str], env: dict, timeout: float, name: str, mark: str) -> dict:
     """Run one benchmark worker process; return the JSON its last `mark`-prefixed stdout line holds.
     A failed or silent worker ends the benchmark with its output tails on stderr."""
-    import subprocess
-
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_process(cmd, env, timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(mark)]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])

@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import Sanity, exit_status, machine_load, parse_args, versions, write_results  # noqa: E402
+from bench.common import (Sanity, exit_status, machine_load, parse_args, run_process, versions,  # noqa: E402
+                          write_results)
 
 SMOKE = {"samples": 4, "max_new_tokens": 2, "batch_size": 2, "hidden": 32, "layers": 1, "timeout": 300}
 
@@ -150,8 +150,7 @@ def run_modes(tmp: Path, args) -> dict | None:
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", __file__, *common,
                    "--out", str(out)]
-        proc = subprocess.run(cmd, env={**env, "ACCELERATE_USE_CPU": "1"} if procs > 1 else env,
-                              capture_output=True, text=True, timeout=args.timeout)
+        proc = run_process(cmd, {**env, "ACCELERATE_USE_CPU": "1"} if procs > 1 else env, args.timeout)
         if proc.returncode != 0:
             print(proc.stdout[-2000:] + proc.stderr[-3000:], file=sys.stderr)
             print(f"FAILED: evaluate() on {procs} process(es) exited {proc.returncode}", file=sys.stderr)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,8 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (REPO, TINY_LLAMA, Sanity, build_llama, count_llama_parameters,  # noqa: E402
-                          current_rss_bytes, exit_status, machine_load, parse_args, peak_rss_bytes, synthetic_rows,
-                          versions, write_results, write_text_jsonl)
+                          current_rss_bytes, exit_status, machine_load, parse_args, peak_rss_bytes, run_process,
+                          synthetic_rows, versions, write_results, write_text_jsonl)
 
 # ~100M parameters: 12 x 7.08M in the blocks + 2 x 6.1M untied embeddings.
 MEDIUM_LLAMA = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
@@ -218,7 +217,7 @@ def run_mode(mode: str, work: Path, args) -> list[dict]:
            "--main_process_port", str(args.port or free_port()), __file__, "--rank-worker", str(work / f"run-{mode}.yaml"),
            "--out", str(out)]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
+    proc = run_process(cmd, env, args.timeout)
     wall = time.perf_counter() - started
     ranks = sorted(out.glob("rank-*.json"))
     if proc.returncode != 0 or len(ranks) != 2:

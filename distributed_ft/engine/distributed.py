@@ -18,6 +18,19 @@ def configure_device_env() -> None:
     import torch
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    if deepspeed_requested() and not torch.cuda.is_available():
+        skip_shared_memory_allreduce_build()
+
+
+def skip_shared_memory_allreduce_build() -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory all-reduce (C++, JIT, under a file lock in
+    ~/.cache/torch_extensions) when its process group starts, though only its inference all-reduce calls it:
+    training goes through gloo. Skipped, a first launch needs no compiler and spends no minutes building, and a
+    build killed midway cannot leave a lock that every later launch waits on forever."""
+    import importlib
+
+    # by module path: the attribute deepspeed.comm.torch is the torch package, which deepspeed.comm imports
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def deepspeed_requested() -> bool:

@@ -56,8 +56,16 @@ def run_train(kind: str, config: str, out: Path, *overrides: str, env: dict | No
               timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `dft train` under `kind` to the end; asserts its exit code."""
     cmd, launch_env = train_command(kind, config, out, *overrides)
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **launch_env, **(env or {})}, capture_output=True,
-                          text=True, timeout=timeout)
+    # its own process group: on timeout the ranks die with the launcher instead of loading the later tests
+    run = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **launch_env, **(env or {})}, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = run.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        stdout, stderr = run.communicate()
+        raise AssertionError(f"{' '.join(cmd)}\nno exit within {timeout} s\n" + stdout[-2000:] + stderr[-6000:])
+    proc = subprocess.CompletedProcess(cmd, run.returncode, stdout, stderr)
     assert proc.returncode == expect, (f"{' '.join(cmd)}\nexit {proc.returncode}\n"
                                        + proc.stdout[-2000:] + proc.stderr[-6000:])
     return proc

@@ -32,10 +32,13 @@ LAUNCH = {
 }
 
 
-def launch(kind: str, config: str, out: Path, *extra: str, cache: Path | None = None) -> Path:
+def launch(kind: str, config: str, out: Path, *extra: str, cache: Path | None = None,
+           extensions: Path | None = None) -> Path:
     prefix, env = LAUNCH[kind]
     if cache is not None:  # a fresh cache: every rank builds the built-in model after the process group is up
         env = {**env, "DFT_CACHE_DIR": str(cache)}
+    if extensions is not None:  # where torch would JIT-compile C++ ops (DeepSpeed's CPU collectives)
+        env = {**env, "TORCH_EXTENSIONS_DIR": str(extensions)}
     micro = 8 if kind == "single" else 4  # the same global batch of 8 in every run
     cmd = [*prefix, str(SCRIPT), config, f"output.dir={out}", f"training.micro_batch_size={micro}", *COMMON, *extra]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
@@ -71,8 +74,17 @@ def reload_logits(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="module")
 def full_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("full")
-    return {kind: launch(kind, "configs/full.yaml", root / kind, cache=root / "cache" if kind == "ddp" else None)
+    return {kind: launch(kind, "configs/full.yaml", root / kind, cache=root / "cache" if kind == "ddp" else None,
+                         extensions=root / "torch_extensions")
             for kind in LAUNCH}
+
+
+def test_deepspeed_launches_compile_nothing(full_runs):
+    """DeepSpeed's CPU backend would JIT-build a shared-memory all-reduce at its first launch (minutes on a small
+    machine, under a lock a killed build leaves behind); training never calls it, so no launch builds it."""
+    extensions = full_runs["zero3"].parent / "torch_extensions"
+    built = sorted(str(p.relative_to(extensions)) for p in extensions.rglob("*")) if extensions.exists() else []
+    assert built == []
 
 
 def test_loss_curves_match_single_process(full_runs):
