@@ -50,3 +50,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def run_outputs_stand_in(tmp_path, monkeypatch):
+    """Run from a folder holding configs/ and stand-ins for the files earlier runs write, which some shipped
+    configs read when they load (configs/ppo/reward_model.yaml: the grader spec `dft rm configs/rm/quickstart.yaml`
+    leaves in runs/rm/), so those configs load on a checkout where that run never happened."""
+    import shutil
+
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    spec = tmp_path / "runs" / "rm" / "grader.yaml"
+    spec.parent.mkdir(parents=True)
+    shutil.copy(REPO / "configs" / "ppo" / "grader_letters.yaml", spec)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -78,7 +78,7 @@ def _deepspeed_plugin(training):
 def build_accelerator(training, logging=None, run_dir: str | None = None):
     """Create the Accelerator for this launch (gloo on CPU, DeepSpeed when the launcher asked for it), with
     the experiment trackers `logging` names writing under `run_dir`; console logging is set up for it (rank 0
-    at INFO), and on CPU the log says whether bf16 is native there."""
+    at INFO)."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
@@ -100,9 +100,14 @@ def build_accelerator(training, logging=None, run_dir: str | None = None):
                               mixed_precision=training.mixed_precision, kwargs_handlers=handlers, **kwargs)
     _check_topology(accelerator)
     setup_console_logging(accelerator.is_main_process)
-    if accelerator.device.type == "cpu":
-        report_cpu_precision(training.mixed_precision)
     return accelerator
+
+
+def report_device(accelerator, mixed_precision: str) -> None:
+    """The run log's line on the device (on CPU: whether bf16 is native there), said when the training loop is
+    set up, after the run's inputs have loaded: a run that bad input stops prints its one error line alone."""
+    if accelerator.device.type == "cpu":
+        report_cpu_precision(mixed_precision)
 
 
 def _check_topology(accelerator) -> None:

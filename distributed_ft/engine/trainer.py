@@ -16,7 +16,7 @@ import torch
 
 from distributed_ft.data.collate import collate, model_inputs
 from distributed_ft.engine.chunked_loss import chunked_loss_for
-from distributed_ft.engine.distributed import agree_on_max, uses_deepspeed
+from distributed_ft.engine.distributed import agree_on_max, report_device, uses_deepspeed
 from distributed_ft.engine.length_groups import length_groups, split_to
 from distributed_ft.engine.losses import loss_terms, per_example_loss
 from distributed_ft.engine.loop import LoopControl
@@ -54,6 +54,7 @@ class Trainer:
             return
         optimizer = build_optimizer(self.model, self.training)
         self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
+        report_device(self.acc, self.training.mixed_precision)
         self.scheduler = build_scheduler(self.optimizer, self.training)
         self.acc.register_for_checkpointing(self.scheduler)
         self.chunked_loss = chunked_loss_for(self.acc.unwrap_model(self.model), self.task,

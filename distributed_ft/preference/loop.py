@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from distributed_ft.data.mixing import WeightedMixSampler
-from distributed_ft.engine.distributed import uses_deepspeed
+from distributed_ft.engine.distributed import report_device, uses_deepspeed
 from distributed_ft.engine.loop import LoopControl
 from distributed_ft.engine.optim import build_optimizer, build_scheduler
 from distributed_ft.engine.trainer import TrainResult
@@ -37,6 +37,7 @@ class PairLoop:
             return
         optimizer = build_optimizer(self.model, self.training)
         self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
+        report_device(self.acc, self.training.mixed_precision)
         self.scheduler = build_scheduler(self.optimizer, self.training)
         self.acc.register_for_checkpointing(self.scheduler)
         if self.on_prepared is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from distributed_ft.engine.distributed import uses_deepspeed
+from distributed_ft.engine.distributed import report_device, uses_deepspeed
 from distributed_ft.engine.logging import logger
 from distributed_ft.engine.loop import LoopControl
 from distributed_ft.rl import math as M
@@ -275,6 +275,7 @@ class RLTrainer:
         from distributed_ft.grader.client import GraderUnavailable
 
         ppo, training = self.ppo, self.training
+        report_device(self.acc, training.mixed_precision)
         result = RLResult(step=0)
         with LoopControl(self.acc, training, self.run_dir, self.log) as loop:
             resumed = loop.resume()

@@ -124,7 +124,7 @@ def test_missing_and_invalid_files(tmp_path):
         load_config(bad)
 
 
-def test_every_shipped_config_loads_as_its_kind():
+def test_every_shipped_config_loads_as_its_kind(run_outputs_stand_in):
     """Every file under configs/ validates as the kind its sections say (count asserted per kind), and
     `dft config validate` agrees."""
     from distributed_ft.cli import main

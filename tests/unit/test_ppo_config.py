@@ -16,7 +16,7 @@ RUN_CONFIGS = [p for p in CONFIGS if not p.name.startswith("grader_")]
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_load_and_name_their_command(path, tmp_path):
+def test_shipped_configs_load_and_name_their_command(path, tmp_path, run_outputs_stand_in):
     """Each shipped PPO config: its first line is the command that runs this very file (with a launch config
     that exists), the grader spec it names exists and loads, and every value the file sets reaches the loaded
     config, each section changing at least one default. Planted bugs seen failing: the loader dropping the
