@@ -56,19 +56,23 @@ def run_train(kind: str, config: str, out: Path, *overrides: str, env: dict | No
               timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `dft train` under `kind` to the end; asserts its exit code."""
     cmd, launch_env = train_command(kind, config, out, *overrides)
-    # its own process group: on timeout the ranks die with the launcher instead of loading the later tests
-    run = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **launch_env, **(env or {})}, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = run.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(run.pid, signal.SIGKILL)
-        stdout, stderr = run.communicate()
-        raise AssertionError(f"{' '.join(cmd)}\nno exit within {timeout} s\n" + stdout[-2000:] + stderr[-6000:])
-    proc = subprocess.CompletedProcess(cmd, run.returncode, stdout, stderr)
+    proc = run_to_end(cmd, {**os.environ, **launch_env, **(env or {})}, timeout)
     assert proc.returncode == expect, (f"{' '.join(cmd)}\nexit {proc.returncode}\n"
                                        + proc.stdout[-2000:] + proc.stderr[-6000:])
     return proc
+
+
+def run_to_end(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run a launch to its end, output captured; on timeout its ranks are killed with it (kill_tree), so they
+    cannot load the machine for the tests after it."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)}\nno exit within {timeout} s\n" + stdout[-2000:] + stderr[-6000:])
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def start_train(kind: str, config: str, out: Path, *overrides: str, log: Path, env: dict | None = None):

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.distributed.launch import run_to_end
 
 pytestmark = pytest.mark.distributed
 
@@ -41,7 +42,7 @@ def launch(kind: str, config: str, out: Path, *extra: str, cache: Path | None = 
         env = {**env, "TORCH_EXTENSIONS_DIR": str(extensions)}
     micro = 8 if kind == "single" else 4  # the same global batch of 8 in every run
     cmd = [*prefix, str(SCRIPT), config, f"output.dir={out}", f"training.micro_batch_size={micro}", *COMMON, *extra]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    proc = run_to_end(cmd, {**os.environ, **env}, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out
 
