@@ -20,10 +20,11 @@ def score_end(tokenizer) -> str:
 
 
 def pointwise_messages(tokenizer, prompt: str, output: str, reference: str) -> list[dict[str, str]]:
-    """The reference before the output, in the user turn with the prompt, so that every output token can
-    attend to the reference it is compared with; the output is the assistant turn, as it was generated."""
-    return [{"role": "user", "content": f"{prompt}\nreference: {reference}"},
-            {"role": "assistant", "content": f"{output}{score_end(tokenizer)}"}]
+    """The prompt, the reference and the output in one turn, each on its own line, ending on a fixed token:
+    every output token attends to the reference it is compared with, and the tokens compared sit at the
+    same offsets from their line starts. On the built-in samples this one-turn rendering reached a higher
+    Spearman than the output as an assistant turn after a `reference:` line, at the same step count."""
+    return [{"role": "user", "content": f"{prompt}\n{reference}\n{output}{score_end(tokenizer)}"}]
 
 
 def pointwise_input(tokenizer) -> list[dict[str, str]]:

@@ -1,6 +1,6 @@
-"""`dft rm` with the pointwise objective: built-in graded samples scored by a rule grader, a short regression
-run that moves the held-out predictions towards the source grader's scores (MAE down, correlation up), and
-the run's grader spec, served in-process, scoring held-out samples exactly as the run's own evaluation."""
+"""`dft rm` with the pointwise objective: built-in graded samples scored by a rule grader, the pointwise
+quickstart as shipped reaching Spearman >= 0.8 with that grader on held-out samples (from about 0), and the
+run's grader spec, served in-process, scoring held-out samples exactly as the run's own evaluation."""
 from __future__ import annotations
 
 import json
@@ -13,8 +13,7 @@ from distributed_ft.preference.evaluate import agreement_metrics
 from distributed_ft.preference.graded import builtin_graded
 from tests.conftest import run_dft
 
-RUN = ["samples.train.0.num_examples=600", "samples.eval_samples=40", "training.max_steps=40",
-       "training.warmup_steps=0", "logging.progress_bar=false"]
+RUN = ["logging.progress_bar=false"]
 
 
 def test_builtin_graded_samples_are_scored_by_the_rule_grader():
@@ -39,7 +38,7 @@ def test_agreement_metrics():
         == pytest.approx(0.8660254, abs=1e-6)
 
 
-def test_pointwise_grader_learns_towards_its_source_and_serves(tmp_path):
+def test_pointwise_quickstart_agrees_with_its_source_grader_and_serves(tmp_path):
     from distributed_ft.config import load_config
     from distributed_ft.grader.engine import grade_entries, load_grader
     from distributed_ft.preference.graded import build_graded
@@ -49,7 +48,8 @@ def test_pointwise_grader_learns_towards_its_source_and_serves(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "preference_eval.json").read_text())
     before, after = report["baseline"], report["final"]
-    assert after["mae"] < before["mae"] - 0.1 and after["pearson"] > before["pearson"] + 0.1, report
+    assert abs(before["spearman"]) < 0.3 and after["spearman"] >= 0.8, report
+    assert after["mae"] < before["mae"] - 0.2 and after["pearson"] >= 0.8, report
     config = load_config("configs/rm/pointwise.yaml", RUN, kind="rm")
     _, held = build_graded(config.samples, config.training.seed)
     grader = load_grader(str(out / "grader.yaml"))
