@@ -49,11 +49,12 @@ def collate_lm_pairs(pairs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def tokenize_rm_pair(tokenizer, pair: dict, max_length: int, render) -> dict:
-    """Each side as the reward model reads it: `render` (the grader's rendering) of prompt + completion."""
+    """Each side as the reward model reads it: `render` (the grader's rendering) of prompt + completion, or
+    prompt + completion as they are for a chat pair, which the same rendering has already written."""
     out = {}
     for side in ("chosen", "rejected"):
-        out[side] = list(tokenizer(render(pair["prompt"], pair[side]), truncation=True,
-                                   max_length=max_length)["input_ids"])
+        text = pair["prompt"] + pair[side] if pair.get("rendered") else render(pair["prompt"], pair[side])
+        out[side] = list(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
     out["margin"] = pair.get("margin")
     return out
 

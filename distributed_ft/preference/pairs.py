@@ -34,7 +34,8 @@ def load_pairs(source: PairSource, seed: int, render=None) -> list[dict]:
 def normalise_pair(row: dict, names: dict[str, str], where: str, render=None) -> dict:
     chosen, rejected = row.get(names["chosen"]), row.get(names["rejected"])
     prompt = row.get(names["prompt"])
-    if isinstance(chosen, list) or isinstance(rejected, list):
+    chat = isinstance(chosen, list) or isinstance(rejected, list)
+    if chat:
         prompt, chosen, rejected = _split_messages(prompt, chosen, rejected, where, render)
     for field, value in (("prompt", prompt if prompt is not None else ""), ("chosen", chosen),
                          ("rejected", rejected)):
@@ -46,6 +47,8 @@ def normalise_pair(row: dict, names: dict[str, str], where: str, render=None) ->
     if chosen == rejected:
         raise PairDataError(f"{where}: fields '{names['chosen']}' and '{names['rejected']}' are identical")
     pair = {"prompt": prompt or "", "chosen": chosen, "rejected": rejected}
+    if chat:  # prompt + completion is already the conversation as the chat rendering writes it
+        pair["rendered"] = True
     margin = row.get(names["margin"])
     if margin is not None:
         if isinstance(margin, bool) or not isinstance(margin, (int, float)):

@@ -31,10 +31,31 @@ def test_chat_pairs_take_the_common_prefix_as_prompt(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [{"chosen": [user, {"role": "assistant", "content": "hello"}],
                                                "rejected": [user, {"role": "assistant", "content": "go away"}]}])
     [pair] = load_pairs(PairSource(path=path), 0)
-    assert pair == {"prompt": "user: hi\nassistant:", "chosen": " hello\n", "rejected": " go away\n"}
+    assert pair == {"prompt": "user: hi\nassistant:", "chosen": " hello\n", "rejected": " go away\n", "rendered": True}
     render = lambda messages, gen: "|".join(m["content"] for m in messages) + ("|>" if gen else "")  # noqa: E731
     [pair] = load_pairs(PairSource(path=path), 0, render)
-    assert pair == {"prompt": "hi|>", "chosen": "hello", "rejected": "go away"}  # fallback: not a prefix
+    assert pair == {"prompt": "hi|>", "chosen": "hello", "rejected": "go away", "rendered": True}  # not a prefix
+
+
+def test_a_chat_pair_reaches_the_reward_model_as_the_served_grader_renders_it(tmp_path):
+    """The chat rendering is applied once: a single-turn chat pair's tokens are those of reward_text (the
+    rendering the served grader applies to prompt and output), not the template wrapped around itself."""
+    from transformers import AutoTokenizer
+
+    from distributed_ft.grader.hf_models import render_messages
+    from distributed_ft.models.builtin import builtin_model_path
+    from distributed_ft.preference.batches import tokenize_rm_pair
+    from distributed_ft.preference.render import reward_text
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model_path())
+    user = {"role": "user", "content": "sort: 312 ="}
+    path = write_jsonl(tmp_path / "c.jsonl", [{"chosen": [user, {"role": "assistant", "content": "123"}],
+                                               "rejected": [user, {"role": "assistant", "content": "132"}]}])
+    [pair] = load_pairs(PairSource(path=path), 0, lambda m, gen: render_messages(tokenizer, m, gen))
+    render = lambda prompt, completion: reward_text(tokenizer, prompt, completion)  # noqa: E731
+    tokens = tokenize_rm_pair(tokenizer, pair, 64, render)
+    for side, answer in (("chosen", "123"), ("rejected", "132")):
+        assert tokens[side] == tokenizer(reward_text(tokenizer, user["content"], answer))["input_ids"]
 
 
 def test_chat_pairs_with_an_explicit_prompt(tmp_path):
@@ -42,7 +63,7 @@ def test_chat_pairs_with_an_explicit_prompt(tmp_path):
                                                "chosen": [{"role": "assistant", "content": "a"}],
                                                "rejected": [{"role": "assistant", "content": "b"}]}])
     [pair] = load_pairs(PairSource(path=path), 0)
-    assert pair == {"prompt": "user: q\nassistant:", "chosen": " a\n", "rejected": " b\n"}
+    assert pair == {"prompt": "user: q\nassistant:", "chosen": " a\n", "rejected": " b\n", "rendered": True}
 
 
 @pytest.mark.parametrize("row,message", [
