@@ -388,7 +388,10 @@ def build_parser(prog: str = "dft") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str = "dft") -> int:
+    from distributed_ft.models.quantization import quiet_optional_kernel_notice
+
     args = build_parser(prog).parse_args(argv)
+    quiet_optional_kernel_notice()
     try:
         return int(args.func(args) or 0)
     except DftError as err:

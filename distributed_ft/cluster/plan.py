@@ -1,35 +1,27 @@
-"""Memory planning: per-GPU memory of model states for every ZeRO stage and offload choice.
+"""Memory planning: per-GPU peak memory of a training step for every ZeRO stage and offload choice.
 
-Model states follow the ZeRO paper (Rajbhandari et al., 2020): with mixed-precision Adam each
-trainable parameter costs 2 bytes (fp16/bf16 weight) + 2 bytes (gradient) + 12 bytes (fp32 master
-weight, momentum, variance). Stage 1 shards the optimizer states over the data-parallel GPUs,
-stage 2 also the gradients, stage 3 also the weights. Frozen parameters (LoRA, prefix, selective)
-only hold their weights. Trainable counts come from the model's config built on the meta device
-with the run's strategy applied, so no weights are ever read.
+The accounting (model states, 4-bit base weights, activations under checkpointing and the chunked loss,
+optimizer-step temporaries, and how they add up in a step's two phases) is in cluster/memory.py. Here the
+run's model is read from its config alone: built on the meta device with the run's strategy applied, so
+trainable counts are exact and no weights are ever read; its 4-bit weights are those of the linear layers
+from_pretrained would quantize (every nn.Linear but the output head).
 
-Activations (Korthikanti et al., 2022, no recomputation, no tensor parallelism), per micro-batch:
-    act_bytes = L * s * b * h * (34 + 5 * a * s / h) * (act_width / 2)  +  2 * s * b * V * 4
-with L layers, s sequence length, b micro-batch, h hidden size, a attention heads, V vocabulary and
-act_width the bytes of one activation value (2 for bf16/fp16, 4 for fp32); the last term holds the
-fp32 logits and their gradient. With gradient checkpointing only each layer's input is kept,
-    act_bytes = L * s * b * h * act_width + (one layer as above) + logits term.
+Each row's peak is the larger of the step's forward/backward and its optimizer step. What it predicts is the
+memory of the tensors the step allocates (torch.cuda.max_memory_allocated's measure), not what the process
+reserves around them (CUDA context, allocator caches and fragmentation): a row fits when its peak stays under
+90% of the GPU. bench/plan_memory.py compares it with the peak measured on CPU for each lever.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from distributed_ft.cluster.memory import (GB, ActivationBytes, ModelShape, StateBytes, activation_bytes,
+                                           bytes_per_parameter, model_state_bytes, optimizer_step_bytes)
 from distributed_ft.errors import ConfigError, ModelError
 
-GB = 1e9  # the ZeRO paper's GB
 USABLE_FRACTION = 0.9  # leave room for the CUDA context, buffers and fragmentation
-
-# (weight, gradient, optimizer) bytes per parameter. Mixed precision keeps an fp32 master copy in
-# the optimizer states; pure fp32 training does not.
-_OPTIMIZER_BYTES = {  # optimizer -> (mixed precision, fp32)
-    "adamw": (12, 8), "adam": (12, 8),
-    "sgd": (8, 4),  # master copy + momentum / momentum
-    "adafactor": (4, 0),  # master copy; factored second moments are O(rows + cols), left out
-}
+__all__ = ["GB", "ModelShape", "StateBytes", "activation_bytes", "bytes_per_parameter", "make_plan",
+           "model_state_bytes", "plan_for_run_config", "shape_from_run_config"]
 
 
 @dataclass(frozen=True)
@@ -55,80 +47,27 @@ OPTIONS = (
 
 
 @dataclass
-class StateBytes:
-    """Bytes of model states for one GPU (and what offload moves to CPU memory, per GPU)."""
-
-    params: float
-    grads: float
-    optimizer: float
-    cpu: float = 0.0
-
-    @property
-    def total(self) -> float:
-        return self.params + self.grads + self.optimizer
-
-
-def bytes_per_parameter(precision: str = "mixed", optimizer: str = "adamw") -> tuple[int, int, int]:
-    """(weight, gradient, optimizer state) bytes per parameter; precision is 'mixed' or 'fp32'."""
-    if optimizer not in _OPTIMIZER_BYTES:
-        raise ConfigError(f"no memory model for optimizer '{optimizer}'; known: {', '.join(_OPTIMIZER_BYTES)}")
-    mixed, fp32 = _OPTIMIZER_BYTES[optimizer]
-    return (2, 2, mixed) if precision == "mixed" else (4, 4, fp32)
-
-
-def model_state_bytes(total_params: int, trainable_params: int, gpus: int, stage: int,
-                      offload: str = "none", precision: str = "mixed", optimizer: str = "adamw") -> StateBytes:
-    """Per-GPU model-state bytes for ZeRO `stage` over `gpus` data-parallel GPUs."""
-    if gpus < 1:
-        raise ConfigError(f"--gpus must be at least 1, got {gpus}")
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
-    w, g, k = bytes_per_parameter(precision, optimizer)
-    params = w * total_params / (gpus if stage >= 3 else 1)
-    grads = g * trainable_params / (gpus if stage >= 2 else 1)
-    optim = k * trainable_params / (gpus if stage >= 1 else 1)
-    cpu = 0.0
-    if "optimizer" in offload:
-        cpu += optim
-        optim = 0.0
-    if "params" in offload:
-        if stage != 3:
-            raise ConfigError("parameter offload needs ZeRO stage 3")
-        cpu += params
-        params = 0.0
-    return StateBytes(params, grads, optim, cpu)
-
-
-@dataclass
-class ModelShape:
-    total_params: int
-    trainable_params: int
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    vocab_size: int
-
-
-def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, act_width: int = 2,
-                     checkpointing: bool = False) -> float:
-    """Activation memory of one micro-batch (see the module docstring for the formula)."""
-    s, b, h, a, L = seq_len, micro_batch, shape.hidden_size, shape.num_heads, shape.num_layers
-    per_layer = s * b * h * (34 + 5 * a * s / h) * (act_width / 2)
-    logits = 2 * s * b * shape.vocab_size * 4
-    if checkpointing:
-        return L * s * b * h * act_width + per_layer + logits
-    return L * per_layer + logits
-
-
-@dataclass
 class PlanRow:
     option: Option
     states: StateBytes
-    activations: float
+    activations: ActivationBytes
+    step_temporaries: float  # the optimizer step's own temporaries on the GPU
+    grads_outlive_backward: bool  # DDP buckets, ZeRO partitions, accumulation: gradients exist in forward too
+    available: bool = True  # False where the model cannot be loaded this way (a 4-bit base under ZeRO-3)
+
+    @property
+    def forward_backward(self) -> float:
+        st = self.states
+        return st.params + st.optimizer + (st.grads if self.grads_outlive_backward else 0.0) + self.activations.peak
+
+    @property
+    def optimizer_step(self) -> float:
+        return self.states.total + self.step_temporaries
 
     @property
     def gpu_total(self) -> float:
-        return self.states.total + self.activations
+        """The step's peak on one GPU: the larger of its two phases."""
+        return max(self.forward_backward, self.optimizer_step)
 
 
 @dataclass
@@ -141,10 +80,11 @@ class Plan:
     seq_len: int
     micro_batch: int
     checkpointing: bool
+    loss_chunk_tokens: int | None = None
     rows: list[PlanRow] = field(default_factory=list)
 
     def fits(self, row: PlanRow) -> bool:
-        return row.gpu_total <= self.gpu_memory_gb * GB * USABLE_FRACTION
+        return row.available and row.gpu_total <= self.gpu_memory_gb * GB * USABLE_FRACTION
 
     def recommended(self) -> PlanRow | None:
         """The least-sharded option with a shipped launch config that fits (sharding costs communication)."""
@@ -168,15 +108,28 @@ class Plan:
 
 def make_plan(shape: ModelShape, gpus: int, gpu_memory_gb: float = 80.0, *, seq_len: int = 2048,
               micro_batch: int = 1, precision: str = "mixed", optimizer: str = "adamw",
-              checkpointing: bool = False) -> Plan:
+              checkpointing: bool = False, loss_chunk_tokens: int | None = None, causal_lm: bool = True,
+              eager_attention: bool = False, accumulation: int = 1, fused_optimizer: bool = False,
+              per_tensor_optimizer: bool = False) -> Plan:
+    """The plan of every option. `loss_chunk_tokens` None is the whole-batch logits; an unfused optimizer
+    steps all tensors at once (torch on a GPU) or with `per_tensor_optimizer` one at a time (torch on CPU)."""
     if gpu_memory_gb <= 0:
         raise ConfigError(f"--gpu-memory must be positive, got {gpu_memory_gb}")
-    act = activation_bytes(shape, seq_len, micro_batch, 2 if precision == "mixed" else 4, checkpointing)
-    plan = Plan(shape, gpus, gpu_memory_gb, precision, optimizer, seq_len, micro_batch, checkpointing)
+    grad_width = bytes_per_parameter("fp32" if shape.quantized_params else precision, optimizer)[1]
+    act = activation_bytes(shape, seq_len, micro_batch, 2 if precision == "mixed" else 4, checkpointing,
+                           loss_chunk_tokens, causal_lm, eager_attention, grad_width=grad_width)
+    plan = Plan(shape, gpus, gpu_memory_gb, precision, optimizer, seq_len, micro_batch, checkpointing,
+                loss_chunk_tokens)
     for option in OPTIONS:
         states = model_state_bytes(shape.total_params, shape.trainable_params, gpus, option.stage,
-                                   option.offload, precision, optimizer)
-        plan.rows.append(PlanRow(option, states, act))
+                                   option.offload, precision, optimizer, shape.quantized_params, shape.double_quant)
+        shards = gpus if option.stage >= 1 else 1
+        temporaries = optimizer_step_bytes(shape, optimizer, shards, option.offload, per_tensor_optimizer,
+                                           fused_optimizer)
+        outlive = gpus > 1 or option.stage > 0 or accumulation > 1
+        # ZeRO-3 partitions every weight at load time; bitsandbytes' packed 4-bit weights cannot be partitioned
+        available = not (shape.quantized_params and option.stage == 3)
+        plan.rows.append(PlanRow(option, states, act, temporaries, outlive, available))
     return plan
 
 
@@ -200,6 +153,7 @@ def shape_from_run_config(config) -> ModelShape:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from distributed_ft.strategies import count_parameters, get_strategy
+    from distributed_ft.strategies.common import head_module
 
     hf_config = _model_config(config.model)
     task = config.model.task
@@ -214,25 +168,54 @@ def shape_from_run_config(config) -> ModelShape:
                 model = AutoModelForSequenceClassification.from_config(hf_config)
         except ValueError as err:
             raise ModelError(f"cannot build model type '{hf_config.model_type}': {str(err).splitlines()[0]}") from None
+        quantized = _quantized_weights(model) if config.model.load_in_4bit else 0
+        head = head_module(model)
         model = strategy.apply(model, config.strategy, task)
     trainable, total = count_parameters(model)
+    trained = [p for p in model.parameters() if p.requires_grad]
     if not strategy.trains:
-        trainable = 0
+        trainable, trained = 0, []
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     return ModelShape(total_params=total, trainable_params=trainable,
                       num_layers=int(getattr(text, "num_hidden_layers", 0) or 0),
                       hidden_size=int(getattr(text, "hidden_size", 0) or 0),
                       num_heads=int(getattr(text, "num_attention_heads", 0) or 0),
-                      vocab_size=int(getattr(text, "vocab_size", 0) or 0))
+                      vocab_size=int(getattr(text, "vocab_size", 0) or 0),
+                      intermediate_size=getattr(text, "intermediate_size", None),
+                      num_kv_heads=getattr(text, "num_key_value_heads", None),
+                      quantized_params=quantized, double_quant=config.model.bnb_4bit_use_double_quant,
+                      head_trainable=bool(strategy.trains and head is not None
+                                          and any(p.requires_grad for p in head[1].parameters())),
+                      largest_trainable=max((p.numel() for p in trained), default=0))
 
 
-def plan_for_run_config(config, gpus: int, gpu_memory_gb: float = 80.0) -> Plan:
-    """A plan for a loaded RunConfig: its strategy, precision, optimizer, max_length and micro-batch."""
+def _quantized_weights(model) -> int:
+    """Weights from_pretrained loads in 4 bits: those of every nn.Linear but the output head."""
+    from torch import nn
+
+    from distributed_ft.strategies.common import head_module
+
+    head = head_module(model)
+    skip = head[1] if head is not None else None
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not skip)
+
+
+def plan_for_run_config(config, gpus: int, gpu_memory_gb: float = 80.0, *,
+                        per_tensor_optimizer: bool = False) -> Plan:
+    """A plan for a loaded RunConfig: its strategy, precision, optimizer, max_length, micro-batch and
+    accumulation, activation checkpointing, loss path and 4-bit base."""
     training = config.training
+    # `auto` is bf16 autocast where the device computes bf16, as GPUs of the last generations do
     mixed = training.mixed_precision != "no" or config.model.dtype != "fp32"
+    causal = config.model.task == "causal_lm"
     return make_plan(shape_from_run_config(config), gpus, gpu_memory_gb, seq_len=config.data.max_length,
                      micro_batch=training.micro_batch_size, precision="mixed" if mixed else "fp32",
-                     optimizer=training.optimizer, checkpointing=config.model.gradient_checkpointing)
+                     optimizer=training.optimizer, checkpointing=config.model.gradient_checkpointing,
+                     loss_chunk_tokens=training.loss_chunk_tokens if causal else None, causal_lm=causal,
+                     eager_attention=config.model.attn_implementation == "eager",
+                     accumulation=training.gradient_accumulation_steps,
+                     fused_optimizer=bool(getattr(training, "fused_optimizer", False)),
+                     per_tensor_optimizer=per_tensor_optimizer)
 
 
 def plan_as_dict(plan: Plan) -> dict:
@@ -240,10 +223,13 @@ def plan_as_dict(plan: Plan) -> dict:
     from dataclasses import asdict
 
     rows = [{"stage": r.option.stage, "offload": r.option.offload, "launch": r.option.launch,
-             **asdict(r.states), "states": r.states.total, "activations": r.activations,
-             "gpu_total": r.gpu_total, "fits": plan.fits(r)} for r in plan.rows]
+             **asdict(r.states), "states": r.states.total, "activations": r.activations.peak,
+             "activation_parts": asdict(r.activations), "step_temporaries": r.step_temporaries,
+             "forward_backward": r.forward_backward, "optimizer_step": r.optimizer_step,
+             "gpu_total": r.gpu_total, "available": r.available, "fits": plan.fits(r)} for r in plan.rows]
     return {"model": asdict(plan.shape), "gpus": plan.gpus, "gpu_memory_gb": plan.gpu_memory_gb,
-            "precision": plan.precision, "rows": rows, "recommended_launch": plan.recommended_launch()}
+            "precision": plan.precision, "loss_chunk_tokens": plan.loss_chunk_tokens,
+            "checkpointing": plan.checkpointing, "rows": rows, "recommended_launch": plan.recommended_launch()}
 
 
 def format_plan(plan: Plan) -> str:
@@ -252,23 +238,29 @@ def format_plan(plan: Plan) -> str:
     def gb(value: float) -> str:
         return f"{value / GB:9.2f}"
 
+    loss = ("whole-batch logits" if plan.loss_chunk_tokens is None
+            else f"loss in chunks of {plan.loss_chunk_tokens} tokens")
+    quantized = f", {s.quantized_params:,} of them 4-bit" if s.quantized_params else ""
     lines = [
-        f"model: {s.total_params:,} parameters, {s.trainable_params:,} trainable; {s.num_layers} layers, "
+        f"model: {s.total_params:,} parameters{quantized}, {s.trainable_params:,} trainable; {s.num_layers} layers, "
         f"hidden {s.hidden_size}, {s.num_heads} heads, vocabulary {s.vocab_size}",
         f"per GPU with {plan.gpus} GPU(s) of {plan.gpu_memory_gb:g} GB, {plan.precision} precision, "
         f"{plan.optimizer}; activations for micro-batch {plan.micro_batch} x {plan.seq_len} tokens"
-        + (" with gradient checkpointing" if plan.checkpointing else ""),
-        f"{'option':<32}{'params':>9}{'grads':>9}{'optim':>9}{'states':>9}{'+activ.':>9}{'CPU':>9}  fits",
+        + (" with gradient checkpointing" if plan.checkpointing else "") + f", {loss}",
+        f"{'option':<32}{'params':>9}{'grads':>9}{'optim':>9}{'states':>9}{'activ.':>9}{'peak':>9}{'CPU':>9}  fits",
     ]
     for row in plan.rows:
         st = row.states
+        verdict = "n/a (4-bit weights)" if not row.available else ("yes" if plan.fits(row) else "no")
         lines.append(f"{row.option.label:<32}{gb(st.params)}{gb(st.grads)}{gb(st.optimizer)}{gb(st.total)}"
-                     f"{gb(row.gpu_total)}{gb(st.cpu)}  {'yes' if plan.fits(row) else 'no'}")
-    lines.append("(GB = 1e9 bytes; CPU = offloaded bytes per GPU; 'fits' leaves 10% of the GPU free)")
+                     f"{gb(row.activations.peak)}{gb(row.gpu_total)}{gb(st.cpu)}  {verdict}")
+    lines.append("(GB = 1e9 bytes; peak = the larger of forward/backward and the optimizer step; CPU = offloaded "
+                 "bytes per GPU; 'fits' leaves 10% of the GPU free)")
     rec = plan.recommended()
     if rec is None:
         lines.append("recommended: nothing fits; lower training.micro_batch_size, enable "
-                     "model.gradient_checkpointing, use a parameter-efficient strategy or more GPUs")
+                     "model.gradient_checkpointing, use a parameter-efficient strategy, model.load_in_4bit, "
+                     "or more GPUs")
     else:
         lines.append(f"recommended: {rec.option.label} -> {plan.recommended_launch()}")
     return "\n".join(lines)

@@ -1,13 +1,14 @@
-"""Loading models and tokenizers: Hugging Face ids, local folders and the built-in tiny model."""
+"""Loading models and tokenizers: Hugging Face ids, local folders and the built-in tiny model; a 4-bit base
+(model.load_in_4bit) through models/quantization.py."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from distributed_ft.errors import ModelError
 from distributed_ft.models.builtin import builtin_model_path
+from distributed_ft.models.config import DTYPES
+from distributed_ft.models.quantization import prepare_4bit_base, quantization_config
 from distributed_ft.tasks import get_task
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def resolve_model_path(model_cfg) -> str:
@@ -61,6 +62,9 @@ def load_model(model_cfg, tokenizer, path: str, *, added_pad: bool = False, num_
                   dtype=getattr(torch, DTYPES[model_cfg.dtype]))
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
+    quantized = quantization_config(model_cfg)
+    if quantized is not None:
+        kwargs["quantization_config"] = quantized
     task = get_task(model_cfg.task)
     try:
         if not task.has_head:
@@ -80,6 +84,8 @@ def load_model(model_cfg, tokenizer, path: str, *, added_pad: bool = False, num_
             model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load model '{path}': {str(err).splitlines()[0]}") from None
+    if quantized is not None:
+        prepare_4bit_base(model)
     if added_pad:
         model.resize_token_embeddings(len(tokenizer))
     if model.config.pad_token_id is None:

@@ -56,8 +56,9 @@ def export(source: str, out: str, *, merge: bool = False, dtype: str | None = No
         raise ModelError(f"--dtype must be one of {', '.join(DTYPES)} (got '{dtype}')")
     target = getattr(torch, DTYPES[dtype]) if dtype else saved_dtype(model_dir)
 
-    # An adapter is merged in fp32 (the update is added at full precision), a model folder loads as it is cast.
-    model = load_trained(str(model_dir), dtype=torch.float32 if adapter else target)
+    # An adapter is merged in fp32 (the update is added at full precision), into the plain weights a 4-bit
+    # base's values stand for; a model folder loads as it is cast.
+    model = load_trained(str(model_dir), dtype=torch.float32 if adapter else target, dequantize_base=adapter)
     if adapter:
         model = merge_adapter(model, model_dir)
     model = model.to(target)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+
 from torch import nn
 
 from distributed_ft.errors import ConfigError
@@ -30,7 +32,11 @@ def apply_peft(model: nn.Module, peft_config, task: str, strategy: str) -> nn.Mo
 
 
 def numel(param: nn.Parameter) -> int:
-    # Under DeepSpeed ZeRO-3 the local tensor is an empty shard; ds_numel is the real size.
+    # Under DeepSpeed ZeRO-3 the local tensor is an empty shard; ds_numel is the real size. A bitsandbytes 4-bit
+    # weight packs two values a byte; its quant_state holds the real shape.
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return int(math.prod(quant_state.shape))
     return int(getattr(param, "ds_numel", param.numel()))
 
 

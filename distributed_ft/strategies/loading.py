@@ -40,12 +40,31 @@ def _read_json(path: str) -> dict | None:
 def _config_from_dict(data: dict):
     from transformers import AutoConfig
 
-    data = {k: v for k, v in data.items() if k not in ("transformers_version", "_name_or_path")}
+    # A recorded quantization_config describes how the base was loaded, not its weights file: passed back
+    # inside the config, from_pretrained would read the plain weights as already quantized.
+    data = {k: v for k, v in data.items() if k not in ("transformers_version", "_name_or_path", "quantization_config")}
     return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
-def _load_base(base: str | None, task: str | None, saved: dict | None, path: str, kwargs: dict) -> nn.Module:
-    """The base model an adapter folder was trained on, configured as it was during training."""
+def _saved_quantization(saved: dict | None):
+    """The BitsAndBytesConfig the base was trained under (a 4-bit QLoRA base), or None."""
+    recorded = ((saved or {}).get("model_config") or {}).get("quantization_config")
+    if not recorded:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    from distributed_ft.models.quantization import require_bitsandbytes, refuse_zero3
+
+    require_bitsandbytes()
+    refuse_zero3()
+    return BitsAndBytesConfig.from_dict(recorded)
+
+
+def _load_base(base: str | None, task: str | None, saved: dict | None, path: str, kwargs: dict,
+               dequantize: bool = False) -> nn.Module:
+    """The base model an adapter folder was trained on, configured as it was during training: a base trained
+    in 4 bits is quantized again as it was (the same weights give the same 4-bit values), or with `dequantize`
+    loaded as the plain weights those 4-bit values stand for."""
     base = base or (saved or {}).get("base_model")
     if not base:
         raise ModelError(f"{path}: the base model path is not recorded; pass base=<model folder or id>")
@@ -62,13 +81,24 @@ def _load_base(base: str | None, task: str | None, saved: dict | None, path: str
     extra = dict(kwargs)
     if config is not None:
         extra["config"] = config
+    quantization = _saved_quantization(saved)
+    if quantization is not None:
+        extra["quantization_config"] = quantization
     try:
-        return _model_class(task).from_pretrained(base, **extra)
+        model = _model_class(task).from_pretrained(base, **extra)
     except (OSError, ValueError) as err:
         raise ModelError(f"{path}: cannot load base model '{base}': {str(err).splitlines()[0]}") from None
+    if quantization is not None:
+        from distributed_ft.models.quantization import prepare_4bit_base
+
+        prepare_4bit_base(model)
+        if dequantize:
+            model = model.dequantize()
+    return model
 
 
-def load_trained(path: str, base: str | None = None, task: str | None = None, **kwargs: Any) -> nn.Module:
+def load_trained(path: str, base: str | None = None, task: str | None = None, *, dequantize_base: bool = False,
+                 **kwargs: Any) -> nn.Module:
     """Load a trained model saved by any strategy, ready for inference (eval mode).
 
     - a plain model folder (config.json): AutoModelForCausalLM or AutoModelForSequenceClassification, chosen
@@ -76,13 +106,15 @@ def load_trained(path: str, base: str | None = None, task: str | None = None, **
     - a PEFT adapter folder (adapter_config.json): base model + peft.PeftModel.from_pretrained;
     - a bottleneck adapter folder (bottleneck_config.json): base model + adapters re-attached and loaded.
     `base` overrides the recorded base model path; extra keyword arguments go to from_pretrained (e.g. dtype).
+    An adapter trained on a 4-bit base (model.load_in_4bit) goes on a base quantized again the same way, or with
+    `dequantize_base` on the plain weights its 4-bit values stand for (what merging into a plain model needs).
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ModelError(f"trained model folder not found: {path}")
     if os.path.isfile(os.path.join(path, bottleneck.CONFIG_FILE)):
         meta = bottleneck.read_config(path)
-        model = _load_base(base, task or meta.get("task"), meta, path, kwargs)
+        model = _load_base(base, task or meta.get("task"), meta, path, kwargs, dequantize_base)
         bottleneck.load_into(model, path)
     elif os.path.isfile(os.path.join(path, "adapter_config.json")):
         from peft import PeftModel
@@ -92,7 +124,7 @@ def load_trained(path: str, base: str | None = None, task: str | None = None, **
             adapter_cfg = _read_json(os.path.join(path, "adapter_config.json")) or {}
             task = "sequence_classification" if adapter_cfg.get("task_type") == "SEQ_CLS" else None
             base = base or adapter_cfg.get("base_model_name_or_path")
-        model = PeftModel.from_pretrained(_load_base(base, task, saved, path, kwargs), path)
+        model = PeftModel.from_pretrained(_load_base(base, task, saved, path, kwargs, dequantize_base), path)
     elif os.path.isfile(os.path.join(path, "config.json")):
         from transformers import AutoConfig
 

@@ -36,4 +36,4 @@ def apply(model: nn.Module, cfg: LoraStrategyConfig, task: str) -> nn.Module:
 
 
 register("lora", description="LoRA/DoRA/rsLoRA adapters through PEFT", config_cls=LoraStrategyConfig,
-         apply=apply, save=peft_saver("lora"))
+         apply=apply, save=peft_saver("lora"), quantized_base=True)

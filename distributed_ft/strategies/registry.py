@@ -29,6 +29,8 @@ class Strategy:
     supports_packing: bool = True
     # evaluation prompts are built from solved training examples (zero-/few-shot prompting)
     few_shot: bool = False
+    # trains adapters on a frozen base whose linear layers may be 4-bit (model.load_in_4bit, QLoRA)
+    quantized_base: bool = False
 
 
 _REGISTRY: dict[str, Strategy] = {}
@@ -39,14 +41,15 @@ _ALIASES: dict[str, Callable[[dict], dict]] = {}
 def register(name: str, *, description: str, config_cls: type[StrictModel],
              apply: Callable[[nn.Module, Any, str], nn.Module], trains: bool = True,
              save: Callable[[nn.Module, str, dict | None], None] | None = None,
-             supports_packing: bool = True, few_shot: bool = False) -> Strategy:
+             supports_packing: bool = True, few_shot: bool = False, quantized_base: bool = False) -> Strategy:
     if name != name.lower() or not name.replace("_", "").isalnum():
         raise ValueError(f"strategy name must be lower-case letters, digits or '_': {name!r}")
     if name in _REGISTRY or name in _ALIASES:
         raise ValueError(f"strategy {name!r} is already registered")
     if "name" not in config_cls.model_fields:
         raise ValueError(f"config class of strategy {name!r} needs a 'name' field")
-    strategy = Strategy(name, description, config_cls, apply, trains, save, supports_packing, few_shot)
+    strategy = Strategy(name, description, config_cls, apply, trains, save, supports_packing, few_shot,
+                        quantized_base)
     _REGISTRY[name] = strategy
     return strategy
 
