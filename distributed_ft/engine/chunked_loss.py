@@ -1,4 +1,4 @@
-"""Causal-LM cross-entropy from the final hidden states, a chunk of tokens at a time.
+"""Causal-LM cross-entropy and per-token log-probs from the final hidden states, a chunk of tokens at a time.
 
 A batch's full-vocabulary logits (batch x tokens x vocab, in fp32 for the loss) are often the largest
 tensors of a step. Here the model runs through its prepared wrapper (DDP, DeepSpeed engine) with
@@ -11,14 +11,18 @@ modules_to_save) and ZeRO-3's gathering hooks apply to each call; under ZeRO-3 e
 weights, so ranks make the same number of calls (a rank with fewer tokens adds empty chunks). Prompt tuning's
 virtual tokens are dropped from the hidden states as the full-logits path drops their logits.
 
-`chunked_loss_for` decides once per model whether the path applies: not for other tasks, nor where the
-head's output is not the logits (softcapping, logit scales: a config field names them) or the model
-cannot keep few logits; a check on a few tokens compares both paths and catches what no field names.
+The same chunks give the SFT loss (per-example sums of token cross-entropy) and, for DPO and PPO/GRPO, each
+labelled token's log-prob (-cross-entropy; with a sampling temperature, and the entropy where asked).
+`chunked_loss_for` and `chunked_logprobs_for` decide once per model whether the path applies: not for other
+tasks, nor where the head's output is not the logits (softcapping, logit scales: a config field names them)
+or the model cannot keep few logits; a check on a few tokens compares both paths and catches what no field
+names.
 A fused GPU kernel (Liger's fused linear cross-entropy) could avoid the recompute; it is not used here.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
 from typing import Callable
@@ -38,8 +42,9 @@ _checked: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.Wea
 _logged: set[str] = set()
 
 
-class ChunkedCausalLoss:
-    """Per-example summed token cross-entropy of a causal LM, computed chunk by chunk."""
+class ChunkedHead:
+    """The LM head of one causal LM applied to its decoder's hidden states a chunk of tokens at a time: per-example
+    summed token cross-entropy (calling it) or per-token log-probs (`token_logprobs`)."""
 
     def __init__(self, model: torch.nn.Module, chunk_tokens: int, agree: Callable[[int], int] | None = None):
         bare = _bare(model)
@@ -51,48 +56,111 @@ class ChunkedCausalLoss:
 
     def __call__(self, model: torch.nn.Module, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
         """Sum of token losses of each example, shape [batch]; `model` may be the prepared wrapper."""
-        with _caught(self.decoder) as caught:
-            model(**inputs, logits_to_keep=1)
-        hidden, autocast = caught[-1]
+        _, hidden, autocast = self._forward(model, inputs, labels)
         with autocast():  # the head runs in the precision the model's forward ran in
-            # prompt tuning prepends virtual tokens: keep the real positions, as the full-logits path does
-            return per_example_from_hidden(self.head, hidden[:, -labels.shape[1]:], labels, self.chunk_tokens,
-                                           self.agree)
+            return per_example_from_hidden(self.head, hidden, labels, self.chunk_tokens, self.agree)
+
+    def token_logprobs(self, model: torch.nn.Module, inputs: dict, labels: torch.Tensor, *, temperature: float = 1.0,
+                       entropy: bool = False):
+        """(log-probs [batch, tokens - 1] of each next labelled token, 0 elsewhere; the entropies of the same
+        positions, or None; the model's own output, whose logits are the last position's only)."""
+        output, hidden, autocast = self._forward(model, inputs, labels)
+        with autocast():
+            logprobs, entropies = token_logprobs_from_hidden(self.head, hidden, labels, self.chunk_tokens, self.agree,
+                                                             temperature=temperature, entropy=entropy)
+        return logprobs, entropies, output
+
+    def _forward(self, model: torch.nn.Module, inputs: dict, labels: torch.Tensor):
+        """(the model's output, the hidden states of the labelled sequence, the autocast its forward ran in)."""
+        with _caught(self.decoder) as caught:
+            output = model(**inputs, logits_to_keep=1)
+        hidden, autocast = caught[-1]
+        # prompt tuning prepends virtual tokens: keep the real positions, as the full-logits path does
+        return output, hidden[:, -labels.shape[1]:], autocast
 
 
 def per_example_from_hidden(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
                             agree: Callable[[int], int] | None = None) -> torch.Tensor:
     """Per-example sums of next-token cross-entropy from the hidden states [batch, tokens, hidden], with the
     head applied to `chunk_tokens` labelled positions at a time."""
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
+    keep, states, wanted = _labelled(hidden, labels)
     rows = keep.nonzero()[:, 0]  # the example of each labelled position
-    states, wanted = hidden[:, :-1][keep], targets[keep]
-    n_chunks = max(1, math.ceil(len(wanted) / chunk_tokens))
-    if agree is not None:
-        n_chunks = agree(n_chunks)  # ranks with fewer tokens add empty chunks
-    pieces = [_token_losses(head, states[i * chunk_tokens:(i + 1) * chunk_tokens],
-                            wanted[i * chunk_tokens:(i + 1) * chunk_tokens]) for i in range(n_chunks)]
-    losses = torch.cat(pieces)
+    losses = torch.cat(_in_chunks(_head_cross_entropy, head, states, wanted, chunk_tokens, agree))
     return torch.zeros(labels.shape[0], dtype=losses.dtype, device=losses.device).index_add(0, rows, losses)
 
 
-def _token_losses(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def token_logprobs_from_hidden(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
+                               agree: Callable[[int], int] | None = None, *, temperature: float = 1.0,
+                               entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs, entropies or None), each [batch, tokens - 1]: position t holds the next-token distribution's
+    log-prob of labels[:, t + 1] (logits divided by `temperature`), 0 where that label is IGNORE_INDEX; the head
+    applied to `chunk_tokens` labelled positions at a time."""
+    keep, states, wanted = _labelled(hidden, labels)
+    score = functools.partial(_head_logprobs, temperature=temperature, entropy=entropy)
+    pieces = _in_chunks(score, head, states, wanted, chunk_tokens, agree)
+    columns = [torch.cat(column) for column in zip(*pieces)] if entropy else [torch.cat(pieces)]
+    placed = [torch.zeros(keep.shape, dtype=c.dtype, device=c.device).masked_scatter(keep, c) for c in columns]
+    return placed[0], (placed[1] if entropy else None)
+
+
+def _labelled(hidden: torch.Tensor, labels: torch.Tensor):
+    """(mask of the positions whose next token is labelled, their hidden states, those next tokens)."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    return keep, hidden[:, :-1][keep], targets[keep]
+
+
+def _in_chunks(score: Callable, head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
+               agree: Callable[[int], int] | None) -> list:
+    """score(head, states, targets) of each chunk of `chunk_tokens` positions, in order."""
+    n_chunks = max(1, math.ceil(len(targets) / chunk_tokens))
+    if agree is not None:
+        n_chunks = agree(n_chunks)  # ranks with fewer tokens add empty chunks
+    return [_chunk(score, head, states[i * chunk_tokens:(i + 1) * chunk_tokens],
+                   targets[i * chunk_tokens:(i + 1) * chunk_tokens]) for i in range(n_chunks)]
+
+
+def _chunk(score: Callable, head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor):
     if torch.is_grad_enabled():
         # No metadata check of the recomputed tensors: under ZeRO-3 the head's weights are saved as the
         # parameters themselves, which are re-partitioned after the recompute and gathered again before use.
-        return checkpoint(_head_cross_entropy, head, states, targets, use_reentrant=False, determinism_check="none")
-    return _head_cross_entropy(head, states, targets)
+        return checkpoint(score, head, states, targets, use_reentrant=False, determinism_check="none")
+    return score(head, states, targets)
 
 
 def _head_cross_entropy(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(states).float(), targets, reduction="none")
 
 
+def _head_logprobs(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, *, temperature: float,
+                   entropy: bool):
+    logits = head(states).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    if not entropy:
+        return -F.cross_entropy(logits, targets, reduction="none")
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp.gather(-1, targets[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
 def chunked_loss_for(model: torch.nn.Module, task: str, chunk_tokens: int | None,
-                     agree: Callable[[int], int] | None = None) -> ChunkedCausalLoss | None:
+                     agree: Callable[[int], int] | None = None) -> ChunkedHead | None:
     """The chunked loss for `model` (unwrapped: a transformers causal LM, or a PEFT model around one), or None
     where the full-logits path must be used; the path taken is logged once."""
+    return _chunked_for(model, task, chunk_tokens, agree, "loss",
+                        "chunked cross-entropy over {} tokens at a time, logits recomputed in backward")
+
+
+def chunked_logprobs_for(model: torch.nn.Module, chunk_tokens: int | None, agree: Callable[[int], int] | None = None,
+                         what: str = "log-probs") -> ChunkedHead | None:
+    """The chunked per-token log-probs of causal LM `model` (unwrapped, as for chunked_loss_for), or None where the
+    full logits must be used; the path taken is logged once, as `what: ...`."""
+    return _chunked_for(model, "causal_lm", chunk_tokens, agree, what,
+                        "chunked log-softmax over {} tokens at a time, logits recomputed in backward")
+
+
+def _chunked_for(model: torch.nn.Module, task: str, chunk_tokens: int | None, agree: Callable[[int], int] | None,
+                 what: str, chunked: str) -> ChunkedHead | None:
     reason = None
     if task != "causal_lm":
         reason = f"task {task}"
@@ -103,10 +171,10 @@ def chunked_loss_for(model: torch.nn.Module, task: str, chunk_tokens: int | None
             _checked[model] = _unsupported(model)
         reason = _checked[model]
     if reason is not None:
-        _log_once(f"loss: full-vocabulary logits ({reason})")
+        _log_once(f"{what}: full-vocabulary logits ({reason})")
         return None
-    _log_once(f"loss: chunked cross-entropy over {chunk_tokens} tokens at a time, logits recomputed in backward")
-    return ChunkedCausalLoss(model, chunk_tokens, agree)
+    _log_once(f"{what}: {chunked.format(chunk_tokens)}")
+    return ChunkedHead(model, chunk_tokens, agree)
 
 
 def _unsupported(model: torch.nn.Module) -> str | None:

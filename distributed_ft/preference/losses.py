@@ -47,9 +47,15 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the log-probs of the labelled tokens, their count) per row; labels are IGNORE_INDEX elsewhere."""
-    labels = labels[:, 1:]
-    mask = labels != IGNORE_INDEX
+    """(sum of the log-probs of the labelled tokens, their count) per row from full logits; labels are
+    IGNORE_INDEX elsewhere."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
     logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    taken = torch.gather(logprobs, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (taken * mask).sum(-1), mask.sum(-1)
+    taken = torch.gather(logprobs, 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (taken * mask).sum(-1), labelled_tokens(labels)
+
+
+def labelled_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the tokens whose log-prob is taken: labels after the causal shift that are not IGNORE_INDEX."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(-1)

@@ -2,7 +2,9 @@
 
 The reference is the policy with its adapter disabled for PEFT strategies (no second copy of the weights),
 else a frozen copy of the base (loaded sharded under ZeRO-3), or log-probs precomputed in one pass
-and kept in the run folder (`dpo.reference: precomputed`), so a resume reuses them.
+and kept in the run folder (`dpo.reference: precomputed`), so a resume reuses them. Log-probs come from the
+LM head applied a chunk of tokens at a time (training.loss_chunk_tokens, engine/chunked_loss.py) where the
+model allows it, never from a whole batch's full-vocabulary logits.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ class DPORun(PairRun):
     def after_model(self) -> None:
         self.dpo = self.config.dpo
         self.reference = None
+        # the chunked log-prob paths of the policy and the frozen reference, chosen once they are wrapped
+        self.policy_head = self.reference_head = None
         self.precomputed: dict[str, torch.Tensor] = {}
         if self.dpo.loss != "simpo" and self.dpo.reference == "live" and not _is_peft(self.model):
             from distributed_ft.engine.distributed import deepspeed_requested
@@ -57,8 +61,20 @@ class DPORun(PairRun):
             else:
                 self.reference = self.reference.to(self.accelerator.device)
             self._record_reference()
+        self._choose_logprob_paths()
         if self.dpo.loss != "simpo" and self.dpo.reference == "precomputed":
             self._precompute()
+
+    def _choose_logprob_paths(self) -> None:
+        """Collective under ZeRO-3 (a probe forward of each model), on every rank at the same point."""
+        from distributed_ft.engine.chunked_loss import chunked_logprobs_for
+        from distributed_ft.engine.distributed import agree_on_max
+
+        chunk, agree, unwrap = (self.config.training.loss_chunk_tokens, agree_on_max(self.accelerator),
+                                self.accelerator.unwrap_model)
+        self.policy_head = chunked_logprobs_for(unwrap(self.model), chunk, agree, "dpo log-probs")
+        if self.reference is not None:
+            self.reference_head = chunked_logprobs_for(unwrap(self.reference), chunk, agree, "dpo reference log-probs")
 
     def make_evaluation(self):
         """Generations for the held-out prompts scored against their chosen answers, as `dft train` scores
@@ -111,18 +127,22 @@ class DPORun(PairRun):
         logger.info(f"reference log-probs of {sizes['train']} + {sizes['held']} pairs written to {path}")
 
     # --- scoring -----------------------------------------------------------------------------------------
-    def _logps(self, model, examples: list[dict]):
+    def _logps(self, model, examples: list[dict], head=None):
         """(summed completion log-probs, completion tokens) per row, rows [chosen; rejected], scored in
-        length groups (PairRun.pass_cost)."""
+        length groups (PairRun.pass_cost); `head` is the model's chunked path (None: full logits)."""
         from distributed_ft.preference.batches import collate_lm_pairs, score_in_groups
-        from distributed_ft.preference.losses import sequence_logps
+        from distributed_ft.preference.losses import labelled_tokens, sequence_logps
 
         batch = collate_lm_pairs(examples, self.tokenizer.pad_token_id)
         device = self.accelerator.device
 
         def score(rows, width):
             ids, mask, labels = (batch[k][rows, :width].to(device) for k in ("input_ids", "attention_mask", "labels"))
-            logits = model(input_ids=ids, attention_mask=mask).logits
+            inputs = {"input_ids": ids, "attention_mask": mask}
+            if head is not None:
+                logprobs, _, _ = head.token_logprobs(model, inputs, labels)
+                return logprobs.sum(-1), labelled_tokens(labels)
+            logits = model(**inputs).logits
             # prompt-learning adapters prepend virtual tokens to the outputs: keep the real tokens' positions
             return sequence_logps(logits[:, -width:], labels)
 
@@ -133,9 +153,10 @@ class DPORun(PairRun):
         with torch.no_grad():
             if self.reference is not None:
                 with self.accelerator.autocast():
-                    return self._logps(self.reference, examples)[0]
+                    return self._logps(self.reference, examples, self.reference_head)[0]
+            # the head's adapter too (LoRA on lm_head, modules_to_save) is off while the chunks are scored
             with _adapter_disabled(self.accelerator.unwrap_model(policy)):
-                return self._logps(policy, examples)[0]
+                return self._logps(policy, examples, self.policy_head)[0]
 
     def _reference(self, policy, split: str, indices: list[int], examples: list[dict]) -> torch.Tensor:
         if self.dpo.loss == "simpo":
@@ -149,7 +170,7 @@ class DPORun(PairRun):
         from distributed_ft.preference.losses import dpo_loss
 
         examples = [(self.train_pairs if split == "train" else self.held_pairs)[i] for i in indices]
-        logps, tokens = self._logps(model, examples)
+        logps, tokens = self._logps(model, examples, self.policy_head)
         ref = self._reference(model, split, indices, examples)
         b = len(examples)
         loss, chosen, rejected = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], tokens[:b], tokens[b:],

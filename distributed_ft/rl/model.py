@@ -18,6 +18,11 @@ def is_peft(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
+def _kept(logits_to_keep: int | None) -> dict:
+    """The causal LM's logits_to_keep argument, passed only when set (not every model takes it)."""
+    return {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
+
+
 def backbone_of(causal_lm: nn.Module) -> nn.Module:
     """The transformer body of a causal LM (LlamaModel inside LlamaForCausalLM): hidden states without the head."""
     body = getattr(causal_lm, "base_model_prefix", None)
@@ -53,21 +58,26 @@ class Policy(nn.Module):
         """The policy's generate: code that evaluates a causal LM can take this module as one."""
         return self.policy.generate(*args, **kwargs)
 
-    def _reference_logits(self, inputs: dict, length: int):
+    def adapter_disabled(self):
+        """A context in which the policy is its reference: a PEFT policy with its adapter disabled."""
         if not is_peft(self.policy):
             raise RuntimeError("the reference of a non-PEFT policy is a separate frozen model")
-        with self.policy.disable_adapter():
-            return self.policy(**inputs).logits[:, -length:]
+        return self.policy.disable_adapter()
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, mode: str | None = None, **kwargs):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, mode: str | None = None,
+                logits_to_keep: int | None = None, **kwargs):
         """mode: "policy" -> (logits, None); "reference" -> (logits, None); None -> the policy's own output (so
-        evaluation code sees a plain causal LM)."""
+        evaluation code sees a plain causal LM). `logits_to_keep` goes to the causal LM (1: the chunked
+        log-probs read the hidden states instead)."""
+        kept = _kept(logits_to_keep)
         if mode is None:
-            return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+            return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               **kept, **kwargs)
         length = input_ids.shape[1]
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **kept}
         if mode == "reference":
-            return self._reference_logits(inputs, length), None
+            with self.adapter_disabled():
+                return self.policy(**inputs).logits[:, -length:], None
         if mode != "policy":
             raise ValueError(f"a policy without a value head has no mode {mode!r}")
         # prompt-learning adapters prepend virtual tokens: keep the positions of the inputs
@@ -89,13 +99,15 @@ class PolicyWithValue(Policy):
     def shared(self) -> bool:
         return self.critic_backbone is None
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, mode: str | None = None, **kwargs):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, mode: str | None = None,
+                logits_to_keep: int | None = None, **kwargs):
         """mode "policy_value" -> (logits, values); the others as Policy."""
         if mode != "policy_value":
-            return super().forward(input_ids, attention_mask, position_ids, mode=mode, **kwargs)
+            return super().forward(input_ids, attention_mask, position_ids, mode=mode, logits_to_keep=logits_to_keep,
+                                   **kwargs)
         length = input_ids.shape[1]
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        out = self.policy(**inputs, output_hidden_states=self.shared, use_cache=False)
+        out = self.policy(**inputs, output_hidden_states=self.shared, use_cache=False, **_kept(logits_to_keep))
         logits = out.logits[:, -length:]
         if self.shared:
             hidden = out.hidden_states[-1][:, -length:]

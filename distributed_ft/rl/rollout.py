@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distributed_ft.rl.math import entropy_from_logits, logprobs_from_logits
+from distributed_ft.tasks import IGNORE_INDEX
 
 
 @dataclass
@@ -115,18 +116,35 @@ def model_inputs(query, query_mask, response, mask) -> dict:
     return {"input_ids": torch.cat([query, response], 1), "attention_mask": attention, "position_ids": position_ids}
 
 
-def score_tokens(model, query, query_mask, response, mask, *, mode: str, temperature: float,
-                 want_entropy: bool = False):
+def response_labels(query: torch.Tensor, response: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Labels of a forward over query + response: the real response tokens, IGNORE_INDEX elsewhere."""
+    return torch.cat([torch.full_like(query, IGNORE_INDEX), response.masked_fill(mask == 0, IGNORE_INDEX)], 1)
+
+
+def score_tokens(model, query, query_mask, response, mask, *, mode: str | None, temperature: float,
+                 want_entropy: bool = False, chunked=None):
     """(logprobs, values | None, entropy | None) of the response tokens, each [n, R].
 
     The logits at position P+t-1 predict response token t; the value there is the state's value before it.
+    `mode` is the trained module's (rl/model.py), None for a plain causal LM (the frozen reference). With
+    `chunked`, that causal LM's head applied a chunk of tokens at a time (engine/chunked_loss.py), no
+    full-vocabulary logits exist and only the real response tokens are scored (0 after the first EOS).
     """
     inputs = model_inputs(query, query_mask, response, mask)
-    logits, values = model(**inputs, mode=mode)
-    start = query.shape[1] - 1
-    logits = logits[:, start:start + response.shape[1]].float() / temperature
-    logprobs = logprobs_from_logits(logits, response)
-    entropy = entropy_from_logits(logits) if want_entropy else None
+    inputs.update({"use_cache": False} if mode is None else {"mode": mode})
+    start, width = query.shape[1] - 1, response.shape[1]
+    if chunked is None:
+        output = model(**inputs)
+        logits, values = (output.logits, None) if mode is None else output
+        logits = logits[:, start:start + width].float() / temperature
+        logprobs = logprobs_from_logits(logits, response)
+        entropy = entropy_from_logits(logits) if want_entropy else None
+    else:
+        logprobs, entropy, output = chunked.token_logprobs(model, inputs, response_labels(query, response, mask),
+                                                           temperature=temperature, entropy=want_entropy)
+        values = None if mode is None else output[1]
+        logprobs = logprobs[:, start:]
+        entropy = None if entropy is None else entropy[:, start:]
     if values is not None:
-        values = values[:, start:start + response.shape[1]].float()
+        values = values[:, start:start + width].float()
     return logprobs, values, entropy
