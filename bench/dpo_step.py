@@ -116,7 +116,8 @@ def training_sections(args, work: Path, steps: int) -> dict:
     """The config sections of a dft pair run with the benchmark's batch, optimizer and quiet logging."""
     return {"model": {"name_or_path": str(work / "model")}, "strategy": {"name": "full"},
             "training": {"max_steps": steps, "micro_batch_size": args.pairs, "learning_rate": LR,
-                         "optimizer": "adamw", "lr_scheduler": "constant", "warmup_steps": 0, "seed": SEED},
+                         "optimizer": "adamw", "lr_scheduler": "constant", "warmup_steps": 0, "seed": SEED,
+                         "mixed_precision": "no"},  # fp32 as trl_fp32, whatever the CPU's bf16 support
             "logging": {"log_every": 10 ** 6, "progress_bar": False},
             "output": {"dir": str(work / f"dft-run-{os.getpid()}"), "overwrite": True}}
 

@@ -31,6 +31,22 @@ def _check_training_steps(config, strategy, source: str) -> None:
         raise ConfigError(f"{source}: training.max_steps is 0 for strategy '{strategy.name}', which trains")
 
 
+def _check_quantized_base(config, strategy, source: str) -> None:
+    """A 4-bit base stays frozen: only a strategy that trains adapters over it (or trains nothing) may take it."""
+    if not config.model.load_in_4bit or strategy.quantized_base or not strategy.trains:
+        return
+    from distributed_ft.strategies import registered
+
+    takers = ", ".join(name for name, s in registered().items() if s.quantized_base)
+    raise ConfigError(f"{source}: model.load_in_4bit freezes the base in 4 bits, but strategy '{strategy.name}' "
+                      f"trains base weights; use a strategy that trains adapters over it ({takers})")
+
+
+def _check_not_compiled(config, source: str, section: str) -> None:
+    if config.training.compile:
+        raise ConfigError(f"{source}: training.compile applies to `dft train`; {section} runs its model uncompiled")
+
+
 def _check_model_and_eval(config, source: str) -> None:
     if config.model.task == "causal_lm" and config.model.num_labels is not None:
         raise ConfigError(f"{source}: model.num_labels is only for sequence_classification models")
@@ -46,6 +62,7 @@ def _check_model_and_eval(config, source: str) -> None:
 def parse_sft(raw: dict, source: str) -> RunConfig:
     config, strategy = parse_run_sections(raw, source, RunConfig)
     _check_training_steps(config, strategy, source)
+    _check_quantized_base(config, strategy, source)
     _check_model_and_eval(config, source)
     if config.data.packing and not strategy.supports_packing:
         raise ConfigError(f"{source}: data.packing cannot be used with strategy '{strategy.name}': its virtual "
@@ -62,6 +79,8 @@ def _parse_rl(raw: dict, source: str, schema, section: str):
         raise ConfigError(f"{source}: {name} trains causal_lm models; model.task is {config.model.task}")
     if not strategy.trains:
         raise ConfigError(f"{source}: strategy '{strategy.name}' trains nothing; {name} needs a training strategy")
+    _check_quantized_base(config, strategy, source)
+    _check_not_compiled(config, source, section)
     if config.training.max_steps == 0:
         raise ConfigError(f"{source}: training.max_steps ({name} steps) is 0")
     if config.data.packing:
@@ -97,6 +116,8 @@ def _parse_pairs(raw: dict, source: str, schema, section: str, tasks: tuple[str,
         raise ConfigError(f"{source}: a {section} run scores with one output; model.num_labels must be 1 or unset")
     if not strategy.trains:
         raise ConfigError(f"{source}: strategy '{strategy.name}' trains nothing; {section} needs a training strategy")
+    _check_quantized_base(config, strategy, source)
+    _check_not_compiled(config, source, section)
     if config.training.max_steps == 0:
         raise ConfigError(f"{source}: training.max_steps is 0")
     return config

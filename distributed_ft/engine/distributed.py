@@ -10,6 +10,7 @@ import os
 
 from distributed_ft.engine.cpu_features import report_cpu_precision
 from distributed_ft.engine.logging import setup_console_logging
+from distributed_ft.engine.precision import resolve_mixed_precision
 from distributed_ft.errors import ConfigError
 
 
@@ -75,10 +76,12 @@ def _deepspeed_plugin(training):
     return plugin
 
 
-def build_accelerator(training, logging=None, run_dir: str | None = None):
-    """Create the Accelerator for this launch (gloo on CPU, DeepSpeed when the launcher asked for it), with
-    the experiment trackers `logging` names writing under `run_dir`; console logging is set up for it (rank 0
-    at INFO)."""
+def build_accelerator(training, logging=None, run_dir: str | None = None, model_dtype: str = "fp32",
+                      auto_fp32: str | None = None):
+    """Create the Accelerator for this launch (gloo on CPU, DeepSpeed when the launcher asked for it), in the
+    mixed precision `training.mixed_precision` resolves to here, with the experiment trackers `logging` names
+    writing under `run_dir`; console logging is set up for it (rank 0 at INFO). `auto_fp32`: why `auto` means
+    fp32 for this run kind, where it does."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
@@ -96,18 +99,39 @@ def build_accelerator(training, logging=None, run_dir: str | None = None):
         kwargs["cpu"] = True  # several CPU processes: data parallel over gloo
     if logging is not None and logging.active_trackers:
         kwargs.update(log_with=logging.active_trackers, project_dir=run_dir)
+    precision, why = resolve_mixed_precision(training.mixed_precision, model_dtype, deepspeed_requested(), auto_fp32)
+    if not launched:
+        _allow_another_precision(precision)
     accelerator = Accelerator(gradient_accumulation_steps=training.gradient_accumulation_steps,
-                              mixed_precision=training.mixed_precision, kwargs_handlers=handlers, **kwargs)
+                              mixed_precision=precision, kwargs_handlers=handlers, **kwargs)
+    accelerator.precision_reason = why  # for the run log's device line (report_device)
     _check_topology(accelerator)
     setup_console_logging(accelerator.is_main_process)
     return accelerator
 
 
-def report_device(accelerator, mixed_precision: str) -> None:
-    """The run log's line on the device (on CPU: whether bf16 is native there), said when the training loop is
-    set up, after the run's inputs have loaded: a run that bad input stops prints its one error line alone."""
+def _allow_another_precision(precision: str) -> None:
+    """accelerate keeps one mixed precision per process and refuses an Accelerator with another; one process
+    that runs several configs (a notebook, a script calling recipes) gets a fresh state for a new precision."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", precision)) != precision:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def report_device(accelerator) -> None:
+    """The run log's line on the device and the precision chosen (on CPU: whether bf16 is native there), said
+    when the training loop is set up, after the run's inputs have loaded: a run that bad input stops prints its
+    one error line alone."""
+    from distributed_ft.engine.logging import logger
+
+    precision = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[str(accelerator.mixed_precision)]
+    why = getattr(accelerator, "precision_reason", "training.mixed_precision")
     if accelerator.device.type == "cpu":
-        report_cpu_precision(mixed_precision)
+        report_cpu_precision(str(accelerator.mixed_precision), precision=f"{precision} ({why})")
+    else:
+        logger.info(f"device: {accelerator.device}; precision {precision} ({why})")
 
 
 def _check_topology(accelerator) -> None:

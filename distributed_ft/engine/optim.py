@@ -14,10 +14,13 @@ def build_optimizer(model, training):
     groups = [g for g in ({"params": decay, "weight_decay": training.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     lr = training.learning_rate
+    # one fused kernel over all parameters: on 2 CPU cores a 134M-parameter AdamW step takes 62 ms against
+    # 335 ms for torch's per-tensor default and 355 ms for its foreach form (bench/optimizer_step.py)
+    fused = {"fused": True} if training.fused_optimizer else {}
     if training.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=training.adam_betas, eps=training.adam_epsilon)
+        return torch.optim.AdamW(groups, lr=lr, betas=training.adam_betas, eps=training.adam_epsilon, **fused)
     if training.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=training.adam_betas, eps=training.adam_epsilon)
+        return torch.optim.Adam(groups, lr=lr, betas=training.adam_betas, eps=training.adam_epsilon, **fused)
     if training.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     from transformers.optimization import Adafactor

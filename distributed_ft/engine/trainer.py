@@ -53,8 +53,10 @@ class Trainer:
         if getattr(self, "optimizer", None) is not None:
             return
         optimizer = build_optimizer(self.model, self.training)
+        if self.training.compile:
+            compile_model(self.acc, self.model)
         self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
-        report_device(self.acc, self.training.mixed_precision)
+        report_device(self.acc)
         self.scheduler = build_scheduler(self.optimizer, self.training)
         self.acc.register_for_checkpointing(self.scheduler)
         self.chunked_loss = chunked_loss_for(self.acc.unwrap_model(self.model), self.task,
@@ -183,6 +185,18 @@ class Trainer:
                     row[f"loss/{name}"] = float(stats[t] / stats[n_tasks + t])
         self.log.log(row)
         self.log.progress(step, loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+
+
+def compile_model(acc, model) -> None:
+    """torch.compile in place: the module and its parameter names stay as they are, for the optimizer, the
+    checkpoints and the saved model. Shapes that vary between passes are compiled once as dynamic."""
+    from distributed_ft.engine.logging import logger
+    from distributed_ft.errors import ConfigError
+
+    if uses_deepspeed(acc):
+        raise ConfigError("training.compile is not supported under DeepSpeed launches; set training.compile=false")
+    model.compile()
+    logger.info("model: torch.compile (training.compile); the first steps include its compilation")
 
 
 @contextlib.contextmanager

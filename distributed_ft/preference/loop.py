@@ -37,7 +37,7 @@ class PairLoop:
             return
         optimizer = build_optimizer(self.model, self.training)
         self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
-        report_device(self.acc, self.training.mixed_precision)
+        report_device(self.acc)
         self.scheduler = build_scheduler(self.optimizer, self.training)
         self.acc.register_for_checkpointing(self.scheduler)
         if self.on_prepared is not None:

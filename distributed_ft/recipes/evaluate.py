@@ -43,7 +43,7 @@ def run(config_path: str, overrides: list[str]) -> int:
 
     configure_device_env()
     config = load_config(config_path, overrides, kind=("eval", "sft"))
-    accelerator = build_accelerator(config.training)
+    accelerator = build_accelerator(config.training, model_dtype=config.model.dtype)
     setup_console_logging(accelerator.is_main_process)
     set_seed(config.training.seed)
 

@@ -18,6 +18,7 @@ class PairRun:
     kind = ""            # the config kind
     model_task = ""      # the model task loaded
     metric_names: list[str] = []
+    auto_fp32: str | None = None  # why `training.mixed_precision: auto` is fp32 for this kind, where it is
 
     def __init__(self, config_path: str, overrides: list[str] | None = None):
         from accelerate.utils import set_seed
@@ -31,7 +32,8 @@ class PairRun:
         configure_device_env()
         self.config_path = str(config_path)
         self.config = load_config(config_path, overrides, kind=self.kind)
-        self.accelerator = build_accelerator(self.config.training, self.config.logging, self.config.output.dir)
+        self.accelerator = build_accelerator(self.config.training, self.config.logging, self.config.output.dir,
+                                             model_dtype=self.config.model.dtype, auto_fp32=self.auto_fp32)
         setup_console_logging(self.accelerator.is_main_process)
         self.run_dir = check_run_dir(self.config)
         self.strategy = get_strategy(self.config.strategy.name)

@@ -32,7 +32,8 @@ class RLRun:
         self.config_path = str(config_path)
         self.config = load_config(config_path, overrides, kind=self.kind)
         self.section = getattr(self.config, self.kind)
-        self.accelerator = build_accelerator(self.config.training, self.config.logging, self.config.output.dir)
+        self.accelerator = build_accelerator(self.config.training, self.config.logging, self.config.output.dir,
+                                             model_dtype=self.config.model.dtype)
         setup_console_logging(self.accelerator.is_main_process)
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per grading request otherwise
         self.minibatch_size, self.num_minibatches = check_topology(self.config, self.accelerator.num_processes,

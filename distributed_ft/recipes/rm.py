@@ -13,6 +13,8 @@ class RMRun(PairRun):
     kind = "rm"
     model_task = "sequence_classification"
     metric_names = ["accuracy", "margin", "rewards/chosen", "rewards/rejected"]
+    # the run's held-out figures are those of the grader it writes, which scores in fp32
+    auto_fp32 = "a reward model trains in the precision its grader serves it in"
 
     def tokenize(self, pair: dict) -> dict:
         from distributed_ft.preference.batches import tokenize_rm_pair

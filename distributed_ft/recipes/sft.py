@@ -24,7 +24,8 @@ class SFTRun:
         configure_device_env()
         self.config_path = str(config_path)
         self.config = load_config(config_path, overrides, kind="sft")
-        self.accelerator = build_accelerator(self.config.training, self.config.logging, self.config.output.dir)
+        self.accelerator = build_accelerator(self.config.training, self.config.logging, self.config.output.dir,
+                                             model_dtype=self.config.model.dtype)
         setup_console_logging(self.accelerator.is_main_process)
         self.run_dir = check_run_dir(self.config)
         self.strategy = get_strategy(self.config.strategy.name)

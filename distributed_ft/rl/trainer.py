@@ -21,7 +21,6 @@ import torch
 from distributed_ft.engine.distributed import report_device, uses_deepspeed
 from distributed_ft.engine.logging import logger
 from distributed_ft.engine.loop import LoopControl
-from distributed_ft.rl import math as M
 from distributed_ft.rl.prompts import PromptStream
 from distributed_ft.rl.rollout import (Rollout, concat_rollouts, decode, encode_queries, generate, response_mask,
                                        score_tokens, select_rollout)
@@ -50,6 +49,19 @@ class RLTrainer:
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         self.objective = make_objective(self.ppo, self._sum, self.eos_id)
         self.stream = PromptStream(len(prompts.train) if prompts else 1, self.seed)
+        self.policy_head, self.reference_head = self._logprob_paths(section)
+
+    def _logprob_paths(self, section: str) -> tuple:
+        """The chunked log-prob paths (engine/chunked_loss.py) of the policy and of the frozen reference, None
+        where a model needs its full logits. Collective under ZeRO-3 (a probe forward of each model)."""
+        from distributed_ft.engine.chunked_loss import chunked_logprobs_for
+        from distributed_ft.engine.distributed import agree_on_max
+
+        chunk, agree, unwrap = self.training.loss_chunk_tokens, agree_on_max(self.acc), self.acc.unwrap_model
+        policy = chunked_logprobs_for(unwrap(self.model).policy, chunk, agree, f"{section} policy log-probs")
+        if self.reference is None:
+            return policy, None
+        return policy, chunked_logprobs_for(unwrap(self.reference), chunk, agree, f"{section} reference log-probs")
 
     # -- collectives -----------------------------------------------------------------------------------------
     def _sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -105,7 +117,7 @@ class RLTrainer:
                 args = [t[i:i + micro].to(dev) for t in (ro.query, ro.query_mask, ro.response, ro.mask)]
                 if want_policy:
                     lp, v, ent = score_tokens(self.model, *args, mode=mode, temperature=self.ppo.temperature,
-                                              want_entropy=True)
+                                              want_entropy=True, chunked=self.policy_head)
                     parts["lp"].append(lp.cpu()), parts["ent"].append(ent.cpu())
                     if v is not None:
                         parts["v"].append(v.cpu())
@@ -117,17 +129,14 @@ class RLTrainer:
         ro.ref_logprobs = torch.cat(parts["ref"]) if parts["ref"] else None
 
     def _reference_logprobs(self, query, query_mask, response, mask) -> torch.Tensor:
-        if self.reference is None:
-            lp, _, _ = score_tokens(self.model, query, query_mask, response, mask, mode="reference",
-                                    temperature=self.ppo.temperature)
-            return lp
-        from distributed_ft.rl.rollout import model_inputs
-
-        inputs = model_inputs(query, query_mask, response, mask)
-        logits = self.reference(**inputs, use_cache=False).logits
-        start = query.shape[1] - 1
-        logits = logits[:, start:start + response.shape[1]].float() / self.ppo.temperature
-        return M.logprobs_from_logits(logits, response)
+        """The frozen copy's log-probs, else the PEFT policy's with its adapter (its head's too) disabled."""
+        args, temperature = (query, query_mask, response, mask), self.ppo.temperature
+        if self.reference is not None:
+            with self.acc.autocast():  # the precision the prepared policy's forward runs in
+                return score_tokens(self.reference, *args, mode=None, temperature=temperature,
+                                    chunked=self.reference_head)[0]
+        with self.acc.unwrap_model(self.model).adapter_disabled():
+            return score_tokens(self.model, *args, mode="policy", temperature=temperature, chunked=self.policy_head)[0]
 
     def local_prompts(self, indices: list[int]) -> list[dict]:
         world, rank = self.acc.num_processes, self.acc.process_index
@@ -229,7 +238,8 @@ class RLTrainer:
                     mk = batch["mask"]
                     with acc.accumulate(self.model):
                         lp, values, ent = score_tokens(self.model, *args, mode=self.objective.score_mode,
-                                                       temperature=ppo.temperature, want_entropy=True)
+                                                       temperature=ppo.temperature, want_entropy=True,
+                                                       chunked=self.policy_head)
                         if from_update:
                             batch["old_logprobs"] = lp.detach()
                             ro.logprobs[idx], ro.entropy[idx] = lp.detach().cpu(), ent.detach().cpu()
@@ -275,7 +285,7 @@ class RLTrainer:
         from distributed_ft.grader.client import GraderUnavailable
 
         ppo, training = self.ppo, self.training
-        report_device(self.acc, training.mixed_precision)
+        report_device(self.acc)
         result = RLResult(step=0)
         with LoopControl(self.acc, training, self.run_dir, self.log) as loop:
             resumed = loop.resume()

@@ -61,3 +61,35 @@ def test_a_cpu_run_logs_bf16_support_and_the_loss_path(tmp_path):
     assert sum("loss: chunked cross-entropy over 1024 tokens" in line for line in lines) == 1
     emulated = native_bf16(read_cpuinfo()) is False
     assert sum("torch emulates it" in line for line in lines) == int(emulated)
+
+
+@pytest.mark.parametrize("asked, cpuinfo, dtype, deepspeed, chosen", [
+    ("auto", SAPPHIRE_RAPIDS, "fp32", False, "bf16"),   # native bf16: autocast
+    ("auto", GRAVITON3, "fp32", False, "bf16"),
+    ("auto", EPYC, "fp32", False, "no"),                # emulated: fp32 is faster
+    ("auto", "", "fp32", False, "no"),                  # unknown: the safe choice
+    ("auto", SAPPHIRE_RAPIDS, "bf16", False, "no"),     # the weights are bf16 already
+    ("auto", SAPPHIRE_RAPIDS, "fp32", True, "no"),      # DeepSpeed on CPU trains in fp32
+    ("bf16", EPYC, "fp32", False, "bf16"),              # asked for: kept (and warned about at run time)
+    ("no", SAPPHIRE_RAPIDS, "fp32", False, "no"),
+])
+def test_auto_mixed_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch, asked, cpuinfo, dtype, deepspeed,
+                                                                     chosen):
+    import torch
+
+    from distributed_ft.engine import precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(precision, "read_cpuinfo", lambda: cpuinfo)
+    assert precision.resolve_mixed_precision(asked, dtype, deepspeed)[0] == chosen
+
+
+def test_a_run_says_which_precision_it_chose(tmp_path):
+    proc = run_dft("train", "configs/full.yaml", f"output.dir={tmp_path / 'run'}", "training.max_steps=1",
+                   "training.warmup_steps=0", "eval.enabled=false", "logging.progress_bar=false",
+                   "data.train.0.num_examples=16", "data.train.1.num_examples=16", "data.validation_fraction=0.0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("[dft] device: CPU (")]
+    native = native_bf16(read_cpuinfo())
+    expected = "bf16 autocast (auto: this CPU computes bf16 natively)" if native else "fp32 (auto: this CPU"
+    assert f"precision {expected}" in line, line

@@ -55,6 +55,7 @@ def one_step(tmp_path, name: str, grouping: bool):
                                                      "max_length": 128},
               "strategy": {"name": "full"},
               "training": {"max_steps": 1, "micro_batch_size": 16, "gradient_accumulation_steps": 2,
+                           "mixed_precision": "no",
                            # plain SGD at rate 1: the weights move by exactly the gradient (Adam's first step
                            # is about a sign, which rounding can flip for near-zero entries)
                            "optimizer": "sgd", "learning_rate": 1.0, "max_grad_norm": None, "warmup_steps": 0,

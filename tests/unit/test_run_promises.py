@@ -57,7 +57,8 @@ def precision_runs(tmp_path_factory) -> dict[str, Path]:
     """The same 4 steps in fp32, with bf16 autocast (training.mixed_precision) and with bf16 weights (model.dtype).
     Subprocesses: accelerate keeps one mixed-precision setting per process."""
     root = tmp_path_factory.mktemp("precision")
-    runs = {"fp32": [], "mixed_bf16": ["training.mixed_precision=bf16"], "dtype_bf16": ["model.dtype=bf16"]}
+    runs = {"fp32": ["training.mixed_precision=no"], "mixed_bf16": ["training.mixed_precision=bf16"],
+            "dtype_bf16": ["model.dtype=bf16"]}
     out = {}
     for name, extra in runs.items():
         out[name] = root / name
@@ -110,7 +111,9 @@ def test_mixed_precision_no_can_be_written_in_yaml(tmp_path):
 # --------------------------------------------------------------------------- one tracked in-process run
 
 TRACKED_STEPS, EVERY, KEEP = 6, 2, 2
+# fp32: the first step's per-task losses are compared with ones computed here in fp32
 TRACKED = ["training.max_steps=6", "training.micro_batch_size=8", "training.warmup_steps=0",
+           "training.mixed_precision=no",
            "data.train.0.num_examples=60", "data.train.1.num_examples=40", "data.validation_fraction=0.1",
            "logging.log_every=1", "logging.progress_bar=false", "training.checkpoint_every=1",
            f"training.keep_checkpoints={KEEP}", f"eval.every_n_steps={EVERY}", "eval.max_new_tokens=4",
