@@ -12,6 +12,8 @@ optimizer step over `--pairs` pairs (2 x pairs sequences), sigmoid loss, beta 0.
 gradient clipping 1.0, full fine-tuning, through
   dft:      DPORun(config).build().prepare().train(): the path of `dft dpo`, strategy full, fp32 (on a CPU it
             scores a batch's rows in a few passes of similar lengths, see recipes/pair_run.py);
+  dft_bf16: the same with bf16 autocast (training.mixed_precision: bf16, the `auto` default on a CPU with
+            native bf16);
   trl:      trl.DPOTrainer with a DPOConfig as a user writes it: use_cpu, the same batch, learning rate,
             beta and max_length, DPOConfig's defaults otherwise (bf16 autocast, gradient checkpointing,
             dropout off, its fused LM-head log-probs and per-step metrics, the batch padded to its longest row);
@@ -27,11 +29,12 @@ moved by other jobs on a shared machine, are printed beside it. Peak memory is e
 
 Checks: the first step's loss, and the mean chosen and rejected log-probs (at step one the reference equals
 the policy, so the loss is log 2 whatever the batch; the log-probs say it was the same batch and weights),
-equal trl_fp32's to 1e-5 relative, and trl's within bf16 precision (5e-2); every run trained every step on
-the same tokens with finite losses. Target: dft >= 1.2x the tokens/s of trl and of trl_fp32. Writes
-bench/results/dpo_step-*.json; exits 1 when a check fails or (full runs) the target is missed. --smoke: a
-0.15M-parameter Llama, 2 pairs of at most 8 + 8 tokens, 1 warm-up + 1 timed step, 1 round, the three workers
-at once (their timings say nothing); the checks apply, the target does not.
+equal at one precision: dft's trl_fp32's to 1e-5 relative, dft_bf16's trl's within bf16 precision (5e-2);
+every run trained every step on the same tokens with finite losses. Target, each at one precision:
+dft >= 1.2x the tokens/s of trl_fp32 and dft_bf16 >= 1.2x trl's. Writes bench/results/dpo_step-*.json;
+exits 1 when a check fails or (full runs) the target is missed. --smoke: a 0.15M-parameter Llama, 2 pairs of
+at most 8 + 8 tokens, 1 warm-up + 1 timed step, 1 round, the four workers at once (their timings say
+nothing); the checks apply, the target does not.
 """
 from __future__ import annotations
 
@@ -55,13 +58,14 @@ from bench.grpo_step import native_bf16  # noqa: E402
 
 TARGET = 1.2            # dft tokens/s over each TRL variant's
 SEED, LR, BETA = 42, 1e-5, 0.1
-VARIANTS = ("dft", "trl", "trl_fp32")
+VARIANTS = ("dft", "dft_bf16", "trl", "trl_fp32")
 SMOKE = {"steps": 1, "warmup": 1, "rounds": 1, "rows": 8, "pairs": 2, "prompt_len": 8, "completion_len": 8,
          "threads": 1, "timeout": 300}
 MARK = "PAIR_BENCH_RESULT "
-# First-step agreement: like for like (fp32, no recomputation) to float32 summation-order noise; TRL's default
-# bf16 autocast only to bf16 precision.
-TOLERANCE = {"trl_fp32": 1e-5, "trl": 5e-2}
+# Each comparison is at one precision: dft in fp32 against TRL forced to fp32, dft with bf16 autocast against
+# TRL's defaults (bf16 autocast, gradient checkpointing). (dft variant, TRL variant, first-step agreement):
+# fp32 to float32 summation-order noise, bf16 to bf16 precision.
+COMPARISONS = {"dft/trl_fp32": ("dft", "trl_fp32", 1e-5), "dft_bf16/trl": ("dft_bf16", "trl", 5e-2)}
 
 
 # ---- what both pair benchmarks share (bench/rm_step.py imports it) ----------------------------------------
@@ -112,12 +116,12 @@ def pair_sources(work: Path) -> dict:
     return {"train": [{"path": str(work / "train.jsonl")}], "validation": [{"path": str(work / "held.jsonl")}]}
 
 
-def training_sections(args, work: Path, steps: int) -> dict:
+def training_sections(args, work: Path, steps: int, precision: str = "no") -> dict:
     """The config sections of a dft pair run with the benchmark's batch, optimizer and quiet logging."""
     return {"model": {"name_or_path": str(work / "model")}, "strategy": {"name": "full"},
             "training": {"max_steps": steps, "micro_batch_size": args.pairs, "learning_rate": LR,
                          "optimizer": "adamw", "lr_scheduler": "constant", "warmup_steps": 0, "seed": SEED,
-                         "mixed_precision": "no"},  # fp32 as trl_fp32, whatever the CPU's bf16 support
+                         "mixed_precision": precision},  # pinned, whatever the CPU's bf16 support
             "logging": {"log_every": 10 ** 6, "progress_bar": False},
             "output": {"dir": str(work / f"dft-run-{os.getpid()}"), "overwrite": True}}
 
@@ -263,9 +267,9 @@ def run_benchmark(name: str, script: str, args, build_work, describe: str) -> in
                     raws = dict(zip(order, pool.map(lambda v: launch(script, v, args), order)))
             for variant in order:
                 raw = raws[variant] if args.smoke else launch(script, variant, args)
-                if variant == "dft":
-                    sanity.check(raw["indices"] == expected, "dft: trained on other pairs than its sampler's "
-                                                             "replayed order (the one TRL was given)")
+                if variant.startswith("dft"):
+                    sanity.check(raw["indices"] == expected, f"{variant}: trained on other pairs than its "
+                                                             "sampler's replayed order (the one TRL was given)")
                 m = {"round": r + 1, **measure(raw, args.warmup)}
                 runs[variant].append(m)
                 print(f"round {r + 1} {variant:>8}: {m['tokens_per_s']:8.0f} tokens/s (median step "
@@ -281,20 +285,22 @@ def run_benchmark(name: str, script: str, args, build_work, describe: str) -> in
             sanity.check(m["step_tokens"] == runs["dft"][0]["step_tokens"],  # the same batches, step by step
                          f"{tag}: tokens per step {m['step_tokens']}, dft's {runs['dft'][0]['step_tokens']}")
     first = {v: runs[v][0]["first"] for v in VARIANTS}
-    agreement = {v: {k: rel_diff(first["dft"][k], first[v][k]) for k in first["dft"]} for v in TOLERANCE}
-    for v, diffs in agreement.items():
+    agreement = {key: {k: rel_diff(first[ours][k], first[theirs][k]) for k in first[ours]}
+                 for key, (ours, theirs, _) in COMPARISONS.items()}
+    for key, diffs in agreement.items():
+        ours, theirs, tolerance = COMPARISONS[key]
         for k, d in diffs.items():
-            sanity.check(math.isfinite(d) and d <= TOLERANCE[v],
-                         f"first step {k}: dft {first['dft'][k]!r} vs {v} {first[v][k]!r} (relative difference "
-                         f"{d:.2e} > {TOLERANCE[v]:g})")
+            sanity.check(math.isfinite(d) and d <= tolerance,
+                         f"first step {k}: {ours} {first[ours][k]!r} vs {theirs} {first[theirs][k]!r} (relative "
+                         f"difference {d:.2e} > {tolerance:g})")
 
     tps = {v: median([m["tokens_per_s"] for m in runs[v]]) for v in VARIANTS}
     rss = {v: median([m["peak_rss_mb"] for m in runs[v]]) for v in VARIANTS}
-    ratios = {f"dft/{v}": tps["dft"] / tps[v] for v in VARIANTS if v != "dft"}
+    ratios = {key: tps[ours] / tps[theirs] for key, (ours, theirs, _) in COMPARISONS.items()}
     # tokens per CPU-second of the (single-threaded) workers: far less moved by other jobs on a shared machine
     cpu_tps = {v: median([m["tokens_per_cpu_s"] for m in runs[v]]) for v in VARIANTS}
-    cpu_ratios = {f"dft/{v}": cpu_tps["dft"] / cpu_tps[v] for v in VARIANTS if v != "dft"}
-    memory_ratios = {f"dft/{v}": rss["dft"] / rss[v] for v in VARIANTS if v != "dft"}
+    cpu_ratios = {key: cpu_tps[ours] / cpu_tps[theirs] for key, (ours, theirs, _) in COMPARISONS.items()}
+    memory_ratios = {key: rss[ours] / rss[theirs] for key, (ours, theirs, _) in COMPARISONS.items()}
     met = min(ratios.values()) >= TARGET
     params = count_llama_parameters(**arch)
     print(f"\n{'SMOKE RUN (tiny sizes, target not checked): ' if args.smoke else ''}{describe}; model "
@@ -303,7 +309,8 @@ def run_benchmark(name: str, script: str, args, build_work, describe: str) -> in
           f"warm-up, median of {args.rounds} rounds")
     for v in VARIANTS:
         r0 = runs[v][0]
-        how = "" if v == "dft" else f" (bf16 {r0['bf16']}, gradient checkpointing {r0['gradient_checkpointing']})"
+        how = (f" (bf16 autocast {v == 'dft_bf16'})" if v.startswith("dft")
+               else f" (bf16 {r0['bf16']}, gradient checkpointing {r0['gradient_checkpointing']})")
         print(f"  {v:>8}: {tps[v]:8.0f} tokens/s, peak RSS {rss[v]:6.0f} MiB{how}; first step "
               + ", ".join(f"{k} {x:.6f}" for k, x in first[v].items()))
     for key, ratio in ratios.items():
@@ -319,7 +326,7 @@ def run_benchmark(name: str, script: str, args, build_work, describe: str) -> in
         "args": args_out, "model": {**arch, "parameters": params, "dtype": "fp32"}, "tokens_per_s": tps,
         "peak_rss_mb": rss, "ratios": ratios, "memory_ratios": memory_ratios, "tokens_per_cpu_s": cpu_tps,
         "cpu_time_ratios": cpu_ratios, "target": TARGET, "target_met": met,
-        "first_step": first, "first_step_rel_diff": agreement, "tolerance": TOLERANCE, "runs": runs,
+        "first_step": first, "first_step_rel_diff": agreement, "comparisons": COMPARISONS, "runs": runs,
         "cpu": cpu_model(), "native_bf16": native_bf16(), "load_before": load_before, "load_after": load_after,
         "sanity_failures": sanity.failures, "versions": versions()}, smoke=args.smoke)
     print(f"  results: {path.relative_to(REPO)}")
@@ -340,12 +347,12 @@ def lm_tokens(pair: dict) -> int:
     return 2 * len(pair["prompt"]) + len(pair["chosen"]) + len(pair["rejected"])
 
 
-def worker_dft(args, work: Path) -> dict:
+def worker_dft(args, work: Path, precision: str = "no") -> dict:
     import yaml
 
     from distributed_ft.recipes.dpo import DPORun
 
-    config = {**training_sections(args, work, args.warmup + args.steps),
+    config = {**training_sections(args, work, args.warmup + args.steps, precision),
               "pairs": {**pair_sources(work),
                         "max_length": args.prompt_len + args.completion_len, "max_prompt_length": args.prompt_len},
               "dpo": {"loss": "sigmoid", "beta": BETA, "reference": "live"}}
@@ -369,7 +376,8 @@ def worker_trl(args, work: Path, fp32: bool = False) -> dict:
     return train_trl(trainer, {"logps/chosen": "logps/chosen", "logps/rejected": "logps/rejected"})
 
 
-WORKERS = {"dft": worker_dft, "trl": worker_trl, "trl_fp32": lambda args, work: worker_trl(args, work, fp32=True)}
+WORKERS = {"dft": worker_dft, "dft_bf16": lambda args, work: worker_dft(args, work, "bf16"), "trl": worker_trl,
+           "trl_fp32": lambda args, work: worker_trl(args, work, fp32=True)}
 
 
 def main() -> int:

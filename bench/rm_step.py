@@ -14,12 +14,14 @@ over `--pairs` pairs (2 x pairs sequences, padded), the Bradley-Terry loss -log 
 no margin, AdamW at a constant learning rate, gradient clipping 1.0, full fine-tuning, through
   dft:      RMRun(config).build().prepare().train(): the path of `dft rm` (pairwise), fp32 (on a CPU it scores
             a batch's rows in a few passes of similar lengths, see recipes/pair_run.py);
+  dft_bf16: the same with bf16 autocast (training.mixed_precision: bf16);
   trl:      trl.RewardTrainer with a RewardConfig as a user writes it: use_cpu, the same batch, learning rate and
             max_length, RewardConfig's defaults otherwise (bf16 autocast, gradient checkpointing, dropout off);
   trl_fp32: the same with bf16 and gradient checkpointing off: dft's computation, fair for a CPU.
 Order of the pairs, timing, token counting (non-padding tokens of chosen + rejected), rounds, peak RSS and
 the checks are bench/dpo_step.py's: the first step's loss and mean reward margin must equal trl_fp32's to
-1e-5 relative (trl's within bf16 precision). Target: dft >= 1.2x the tokens/s of trl and of trl_fp32. Writes
+1e-5 relative (dft_bf16's trl's within bf16 precision). Target, each at one precision: dft >= 1.2x the
+tokens/s of trl_fp32 and dft_bf16 >= 1.2x trl's. Writes
 bench/results/rm_step-*.json; exits 1 when a check fails or (full runs) the target is missed.
 """
 from __future__ import annotations
@@ -63,12 +65,12 @@ def rm_tokens(pair: dict) -> int:
     return len(pair["chosen"]) + len(pair["rejected"])
 
 
-def worker_dft(args, work: Path) -> dict:
+def worker_dft(args, work: Path, precision: str = "no") -> dict:
     import yaml
 
     from distributed_ft.recipes.rm import RMRun
 
-    config = {**training_sections(args, work, args.warmup + args.steps),
+    config = {**training_sections(args, work, args.warmup + args.steps, precision),
               "pairs": {**pair_sources(work),
                         "max_length": max_length(args)},
               "rm": {"objective": "pairwise", "margin": 0.0}}
@@ -97,7 +99,8 @@ def worker_trl(args, work: Path, fp32: bool = False) -> dict:
     return train_trl(trainer, {"margin": "margin"})
 
 
-WORKERS = {"dft": worker_dft, "trl": worker_trl, "trl_fp32": lambda args, work: worker_trl(args, work, fp32=True)}
+WORKERS = {"dft": worker_dft, "dft_bf16": lambda args, work: worker_dft(args, work, "bf16"), "trl": worker_trl,
+           "trl_fp32": lambda args, work: worker_trl(args, work, fp32=True)}
 
 
 def main() -> int:

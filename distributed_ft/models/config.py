@@ -37,7 +37,9 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _4bit_options_need_4bit(self):
-        options = sorted(name for name in self.model_fields_set if name.startswith("bnb_4bit_"))
+        # a value other than the default: a run's resolved config.yaml holds every field, and must load back
+        options = sorted(name for name, field in type(self).model_fields.items()
+                         if name.startswith("bnb_4bit_") and getattr(self, name) != field.default)
         if options and not self.load_in_4bit:
             raise ValueError(f"model.{options[0]} is set but model.load_in_4bit is false; set load_in_4bit: true "
                              "or remove it")

@@ -18,6 +18,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DFT = [sys.executable, "-m", "distributed_ft"]
+# Topologies are compared in fp32: bf16 autocast (`auto` on a CPU with native bf16) rounds differently when the
+# same batch is split differently, which would hide a real disagreement below its noise
+FP32 = "training.mixed_precision=no"
 
 
 def free_port() -> int:
@@ -49,7 +52,7 @@ def launcher(kind: str) -> tuple[list[str], dict]:
 
 def train_command(kind: str, config: str, out: Path, *overrides: str) -> tuple[list[str], dict]:
     prefix, env = launcher(kind)
-    return [*prefix, "train", config, f"output.dir={out}", *overrides], env
+    return [*prefix, "train", config, f"output.dir={out}", FP32, *overrides], env
 
 
 def run_train(kind: str, config: str, out: Path, *overrides: str, env: dict | None = None, expect: int = 0,

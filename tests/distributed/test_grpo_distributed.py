@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.distributed.grader_process import start_grader, stop
+from tests.distributed.launch import FP32
 from tests.distributed.test_ppo_distributed import ENV, LAUNCH, PROBE, ZERO2, computed, rows
 
 pytestmark = pytest.mark.distributed
@@ -25,7 +26,7 @@ LEARN = ["training.max_steps=10", "training.checkpoint_every=5", "training.gradi
 
 
 def run_grpo(launch: list[str], out: Path, *overrides: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    cmd = [*launch, "-m", "distributed_ft", "grpo", CONFIG, f"output.dir={out}", *overrides]
+    cmd = [*launch, "-m", "distributed_ft", "grpo", CONFIG, f"output.dir={out}", FP32, *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
     return proc
@@ -82,7 +83,7 @@ def probe(launch: list[str], out: Path, micro: int, *overrides: str) -> tuple[di
               "training.optimizer=sgd", "training.learning_rate=0.05", "training.max_grad_norm=null",
               "training.gradient_accumulation_steps=2", f"training.micro_batch_size={micro}",
               "output.overwrite=true", "logging.progress_bar=false", *overrides]
-    proc = subprocess.run([*launch, str(PROBE), CONFIG, str(out), *common], cwd=REPO, env={**os.environ, **ENV},
+    proc = subprocess.run([*launch, str(PROBE), CONFIG, str(out), FP32, *common], cwd=REPO, env={**os.environ, **ENV},
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
     return json.loads((out / "probe.json").read_text()), load_file(str(out / "delta.safetensors"))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed.grader_process import start_grader, stop
+from tests.distributed.launch import FP32
 import torch
 
 pytestmark = pytest.mark.distributed
@@ -31,7 +32,7 @@ def grader_url():
 
 
 def run_ppo(launch: list[str], out: Path, *overrides: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    cmd = [*launch, "-m", "distributed_ft", "ppo", "configs/ppo/quickstart.yaml", f"output.dir={out}",
+    cmd = [*launch, "-m", "distributed_ft", "ppo", "configs/ppo/quickstart.yaml", f"output.dir={out}", FP32,
            "logging.progress_bar=false", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
@@ -110,7 +111,7 @@ def _probe(launch: list[str], out: Path, micro: int) -> tuple[dict, dict]:
               "training.optimizer=sgd", "training.learning_rate=0.05", "training.max_grad_norm=null",
               "training.gradient_accumulation_steps=2", f"training.micro_batch_size={micro}", "output.overwrite=true",
               "logging.progress_bar=false"]
-    proc = subprocess.run([*launch, str(PROBE), "configs/ppo/quickstart.yaml", str(out), *common], cwd=REPO,
+    proc = subprocess.run([*launch, str(PROBE), "configs/ppo/quickstart.yaml", str(out), FP32, *common], cwd=REPO,
                           env={**os.environ, **ENV}, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
     return json.loads((out / "probe.json").read_text()), load_file(str(out / "delta.safetensors"))

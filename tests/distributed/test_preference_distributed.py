@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.distributed.launch import FP32
+
 pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,7 +26,7 @@ FULL = ["strategy={name: full}", "training.learning_rate=0.0005"]
 
 def run(recipe: str, launch: str | None, out: Path, micro: int, *extra: str) -> Path:
     prefix = [*LAUNCH, launch] if launch else [sys.executable]
-    cmd = [*prefix, "-m", "distributed_ft", recipe, f"configs/{recipe}/quickstart.yaml", f"output.dir={out}",
+    cmd = [*prefix, "-m", "distributed_ft", recipe, f"configs/{recipe}/quickstart.yaml", f"output.dir={out}", FP32,
            f"training.micro_batch_size={micro}", *SMALL, *extra]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.launch import run_to_end
+from tests.distributed.launch import FP32, run_to_end
 
 pytestmark = pytest.mark.distributed
 
@@ -41,7 +41,8 @@ def launch(kind: str, config: str, out: Path, *extra: str, cache: Path | None = 
     if extensions is not None:  # where torch would JIT-compile C++ ops (DeepSpeed's CPU collectives)
         env = {**env, "TORCH_EXTENSIONS_DIR": str(extensions)}
     micro = 8 if kind == "single" else 4  # the same global batch of 8 in every run
-    cmd = [*prefix, str(SCRIPT), config, f"output.dir={out}", f"training.micro_batch_size={micro}", *COMMON, *extra]
+    cmd = [*prefix, str(SCRIPT), config, f"output.dir={out}", f"training.micro_batch_size={micro}", FP32, *COMMON,
+           *extra]
     proc = run_to_end(cmd, {**os.environ, **env}, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out

@@ -129,6 +129,15 @@ def test_4bit_options_without_load_in_4bit_are_refused(tmp_path):
         load_config(write(tmp_path, "lora", "bnb_4bit_quant_type: fp4"))
 
 
+def test_a_resolved_config_without_4bit_loads_back():
+    """A run writes its resolved config (every field, the 4-bit options at their defaults) to config.yaml, and
+    `dft eval` / a resume read it back: the defaults alone are not 4-bit options set."""
+    from distributed_ft.models.config import ModelConfig
+
+    resolved = ModelConfig(builtin="tiny").model_dump()
+    assert not ModelConfig(**resolved).load_in_4bit
+
+
 def test_missing_bitsandbytes_names_the_field_and_the_extra(monkeypatch):
     from distributed_ft.models.config import ModelConfig
     from distributed_ft.models.quantization import quantization_config
