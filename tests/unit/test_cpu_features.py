@@ -93,3 +93,15 @@ def test_a_run_says_which_precision_it_chose(tmp_path):
     native = native_bf16(read_cpuinfo())
     expected = "bf16 autocast (auto: this CPU computes bf16 natively)" if native else "fp32 (auto: this CPU"
     assert f"precision {expected}" in line, line
+
+
+@pytest.mark.parametrize("bf16_supported, chosen", [(True, "bf16"), (False, "no")])
+def test_auto_mixed_precision_on_a_gpu_follows_its_bf16_support(monkeypatch, bf16_supported, chosen):
+    import torch
+
+    from distributed_ft.engine import precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16_supported)
+    assert precision.resolve_mixed_precision("auto")[0] == chosen
+    assert precision.resolve_mixed_precision("auto", "fp32", False, "a reason")[0] == "no"
