@@ -159,6 +159,20 @@ def chunked_logprobs_for(model: torch.nn.Module, chunk_tokens: int | None, agree
                         "chunked log-softmax over {} tokens at a time, logits recomputed in backward")
 
 
+def chunked_logprob_paths(accelerator, chunk_tokens: int | None, policy: torch.nn.Module,
+                          reference: torch.nn.Module | None, policy_what: str, reference_what: str) -> tuple:
+    """The chunked log-prob paths of a policy and of its frozen reference (None: it has none), each None where
+    that model needs its full logits. Collective under ZeRO-3 (a probe forward of each model): every rank calls
+    it at the same point."""
+    from distributed_ft.engine.distributed import agree_on_max
+
+    agree, unwrap = agree_on_max(accelerator), accelerator.unwrap_model
+    policy_head = chunked_logprobs_for(unwrap(policy), chunk_tokens, agree, policy_what)
+    if reference is None:
+        return policy_head, None
+    return policy_head, chunked_logprobs_for(unwrap(reference), chunk_tokens, agree, reference_what)
+
+
 def _chunked_for(model: torch.nn.Module, task: str, chunk_tokens: int | None, agree: Callable[[int], int] | None,
                  what: str, chunked: str) -> ChunkedHead | None:
     reason = None

@@ -22,12 +22,25 @@ def quantization_config(model_cfg):
     import torch
     from transformers import BitsAndBytesConfig
 
-    require_bitsandbytes()
-    refuse_zero3()
+    require_4bit_support()
     compute = model_cfg.bnb_4bit_compute_dtype or model_cfg.dtype
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_cfg.bnb_4bit_quant_type,
                               bnb_4bit_compute_dtype=getattr(torch, DTYPES[compute]),
                               bnb_4bit_use_double_quant=model_cfg.bnb_4bit_use_double_quant)
+
+
+def saved_quantization_config(recorded: dict):
+    """The BitsAndBytesConfig a base was trained under, from the quantization_config its model config recorded."""
+    from transformers import BitsAndBytesConfig
+
+    require_4bit_support()
+    return BitsAndBytesConfig.from_dict(recorded)
+
+
+def require_4bit_support() -> None:
+    """What loading a 4-bit base in this process needs: bitsandbytes installed, and no ZeRO-3 launch."""
+    require_bitsandbytes()
+    refuse_zero3()
 
 
 def require_bitsandbytes() -> None:

@@ -51,6 +51,7 @@ class DPORun(PairRun):
             self.reference = reference.requires_grad_(False).eval()
 
     def before_training(self) -> None:
+        from distributed_ft.engine.chunked_loss import chunked_logprob_paths
         from distributed_ft.engine.distributed import zero_stage
 
         if self.reference is not None:
@@ -61,20 +62,12 @@ class DPORun(PairRun):
             else:
                 self.reference = self.reference.to(self.accelerator.device)
             self._record_reference()
-        self._choose_logprob_paths()
+        # collective under ZeRO-3 (a probe forward of each model): every rank, here
+        self.policy_head, self.reference_head = chunked_logprob_paths(
+            self.accelerator, self.config.training.loss_chunk_tokens, self.model, self.reference, "dpo log-probs",
+            "dpo reference log-probs")
         if self.dpo.loss != "simpo" and self.dpo.reference == "precomputed":
             self._precompute()
-
-    def _choose_logprob_paths(self) -> None:
-        """Collective under ZeRO-3 (a probe forward of each model), on every rank at the same point."""
-        from distributed_ft.engine.chunked_loss import chunked_logprobs_for
-        from distributed_ft.engine.distributed import agree_on_max
-
-        chunk, agree, unwrap = (self.config.training.loss_chunk_tokens, agree_on_max(self.accelerator),
-                                self.accelerator.unwrap_model)
-        self.policy_head = chunked_logprobs_for(unwrap(self.model), chunk, agree, "dpo log-probs")
-        if self.reference is not None:
-            self.reference_head = chunked_logprobs_for(unwrap(self.reference), chunk, agree, "dpo reference log-probs")
 
     def make_evaluation(self):
         """Generations for the held-out prompts scored against their chosen answers, as `dft train` scores

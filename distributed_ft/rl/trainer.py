@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from distributed_ft.engine.chunked_loss import chunked_logprob_paths
 from distributed_ft.engine.distributed import report_device, uses_deepspeed
 from distributed_ft.engine.logging import logger
 from distributed_ft.engine.loop import LoopControl
@@ -49,19 +50,11 @@ class RLTrainer:
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         self.objective = make_objective(self.ppo, self._sum, self.eos_id)
         self.stream = PromptStream(len(prompts.train) if prompts else 1, self.seed)
-        self.policy_head, self.reference_head = self._logprob_paths(section)
-
-    def _logprob_paths(self, section: str) -> tuple:
-        """The chunked log-prob paths (engine/chunked_loss.py) of the policy and of the frozen reference, None
-        where a model needs its full logits. Collective under ZeRO-3 (a probe forward of each model)."""
-        from distributed_ft.engine.chunked_loss import chunked_logprobs_for
-        from distributed_ft.engine.distributed import agree_on_max
-
-        chunk, agree, unwrap = self.training.loss_chunk_tokens, agree_on_max(self.acc), self.acc.unwrap_model
-        policy = chunked_logprobs_for(unwrap(self.model).policy, chunk, agree, f"{section} policy log-probs")
-        if self.reference is None:
-            return policy, None
-        return policy, chunked_logprobs_for(unwrap(self.reference), chunk, agree, f"{section} reference log-probs")
+        # the chunked log-prob paths (engine/chunked_loss.py) of the causal LM inside the trained module and of
+        # the frozen reference
+        self.policy_head, self.reference_head = chunked_logprob_paths(
+            self.acc, self.training.loss_chunk_tokens, self.acc.unwrap_model(self.model).policy, self.reference,
+            f"{section} policy log-probs", f"{section} reference log-probs")
 
     # -- collectives -----------------------------------------------------------------------------------------
     def _sum(self, t: torch.Tensor) -> torch.Tensor:

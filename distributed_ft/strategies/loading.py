@@ -51,13 +51,9 @@ def _saved_quantization(saved: dict | None):
     recorded = ((saved or {}).get("model_config") or {}).get("quantization_config")
     if not recorded:
         return None
-    from transformers import BitsAndBytesConfig
+    from distributed_ft.models.quantization import saved_quantization_config
 
-    from distributed_ft.models.quantization import require_bitsandbytes, refuse_zero3
-
-    require_bitsandbytes()
-    refuse_zero3()
-    return BitsAndBytesConfig.from_dict(recorded)
+    return saved_quantization_config(recorded)
 
 
 def _load_base(base: str | None, task: str | None, saved: dict | None, path: str, kwargs: dict,
