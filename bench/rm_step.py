@@ -12,8 +12,8 @@ are bench/dpo_step.py's synthetic ones. Each side reads a pair as `dft rm` rende
 ids as its documented pre-tokenised `chosen_ids` / `rejected_ids` columns. Each step is one optimizer step
 over `--pairs` pairs (2 x pairs sequences, padded), the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected),
 no margin, AdamW at a constant learning rate, gradient clipping 1.0, full fine-tuning, through
-  dft:      RMRun(config).build().prepare().train(): the path of `dft rm` (pairwise), fp32 (on a CPU it scores
-            a batch's rows in a few passes of similar lengths, see recipes/pair_run.py);
+  dft:      RMRun(config).build().prepare().train(): the path of `dft rm` (pairwise), fp32 (its sides end to end in
+            one padding-free row, training.padding_free);
   dft_bf16: the same with bf16 autocast (training.mixed_precision: bf16);
   trl:      trl.RewardTrainer with a RewardConfig as a user writes it: use_cpu, the same batch, learning rate and
             max_length, RewardConfig's defaults otherwise (bf16 autocast, gradient checkpointing, dropout off);

@@ -18,7 +18,7 @@ Exits 1 when engine < 1.5x trl or engine < 1.0x plain.
 --lengths variable: rows of lognormal lengths (median --median, log-space sigma --sigma, clipped to
 [--min-length, --cap]; each row ends in EOS), generated deterministically; every variant trains the same
 rows in the same order, --batch-size rows per step, AdamW, fp32 unless said:
-  engine:       SFTRun at its defaults (length-grouped passes, chunked loss), rows read as `format: text`;
+  engine:       SFTRun at its defaults (padding-free rows, chunked loss), rows read as `format: text`;
   engine_limit: the engine on rows all of the mean length, the same tokens per step: no spread at all;
   trl:          SFTTrainer at its defaults (padded batches, bf16 autocast: emulated on a CPU without bf16,
                 activation checkpointing);
@@ -150,7 +150,7 @@ def run_engine(work: Path, spec: dict, limit: bool = False) -> dict:
             raise SystemExit(f"engine rows are not all {spec['seq_len']} tokens: lengths {sorted(lengths)[:5]}")
     training = run.config.training
     settings = {key: getattr(training, key, None)
-                for key in ("length_grouping", "loss_chunk_tokens", "mixed_precision", "fused_optimizer",
+                for key in ("padding_free", "length_grouping", "loss_chunk_tokens", "mixed_precision", "fused_optimizer",
                             "max_grad_norm")}
     settings["mixed_precision_used"] = str(run.accelerator.mixed_precision)
     run.prepare()

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from distributed_ft.engine.logging import logger
+from distributed_ft.engine.losses import sum_by_example
 from distributed_ft.tasks import IGNORE_INDEX
 
 # transformers config fields that change the head's output into other logits, with their neutral value
@@ -54,11 +55,13 @@ class ChunkedHead:
         # (`agree` returns the largest count over the ranks).
         self.agree = agree
 
-    def __call__(self, model: torch.nn.Module, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
-        """Sum of token losses of each example, shape [batch]; `model` may be the prepared wrapper."""
+    def __call__(self, model: torch.nn.Module, inputs: dict, labels: torch.Tensor,
+                 example_of: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum of token losses of each example, shape [examples] (rows, or with `example_of` the examples laid
+        end to end in them, as losses.per_example_loss); `model` may be the prepared wrapper."""
         _, hidden, autocast = self._forward(model, inputs, labels)
         with autocast():  # the head runs in the precision the model's forward ran in
-            return per_example_from_hidden(self.head, hidden, labels, self.chunk_tokens, self.agree)
+            return per_example_from_hidden(self.head, hidden, labels, self.chunk_tokens, self.agree, example_of)
 
     def token_logprobs(self, model: torch.nn.Module, inputs: dict, labels: torch.Tensor, *, temperature: float = 1.0,
                        entropy: bool = False):
@@ -80,12 +83,15 @@ class ChunkedHead:
 
 
 def per_example_from_hidden(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
-                            agree: Callable[[int], int] | None = None) -> torch.Tensor:
+                            agree: Callable[[int], int] | None = None,
+                            example_of: torch.Tensor | None = None) -> torch.Tensor:
     """Per-example sums of next-token cross-entropy from the hidden states [batch, tokens, hidden], with the
-    head applied to `chunk_tokens` labelled positions at a time."""
+    head applied to `chunk_tokens` labelled positions at a time; examples are rows, or given by `example_of`."""
     keep, states, wanted = _labelled(hidden, labels)
-    rows = keep.nonzero()[:, 0]  # the example of each labelled position
     losses = torch.cat(_in_chunks(_head_cross_entropy, head, states, wanted, chunk_tokens, agree))
+    if example_of is not None:
+        return sum_by_example(losses, example_of[:, 1:][keep], example_of)
+    rows = keep.nonzero()[:, 0]  # the example of each labelled position
     return torch.zeros(labels.shape[0], dtype=losses.dtype, device=losses.device).index_add(0, rows, losses)
 
 

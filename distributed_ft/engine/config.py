@@ -29,6 +29,9 @@ class TrainingConfig(StrictModel):
     # each micro-batch as a few passes over rows of similar length, each padded to its own longest row:
     # the same gradient without computing on padding (engine/length_groups.py)
     length_grouping: bool = True
+    # causal LMs: each micro-batch's examples end to end in one row, each attending only to itself (no compute on
+    # padding, one pass); where a model cannot do it exactly, length-grouped passes (engine/padding_free.py)
+    padding_free: bool = True
     # the causal-LM loss (training, and evaluation's reference loss) and the per-token log-probs of DPO and
     # PPO/GRPO: the head's logits for this many tokens at a time, recomputed in backward, so a batch's
     # full-vocabulary logits never exist at once (null: the whole batch's at once; models whose logits are not

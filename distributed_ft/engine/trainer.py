@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 
-from distributed_ft.data.collate import collate, model_inputs
+from distributed_ft.data.collate import collate, collate_flat, model_inputs
 from distributed_ft.engine.chunked_loss import chunked_loss_for
 from distributed_ft.engine.distributed import agree_on_max, report_device, uses_deepspeed
 from distributed_ft.engine.length_groups import length_groups, split_to
 from distributed_ft.engine.losses import loss_terms, per_example_loss
 from distributed_ft.engine.loop import LoopControl
 from distributed_ft.engine.optim import build_optimizer, build_scheduler
+from distributed_ft.engine.padding_free import padding_free_for
 
 
 @dataclass
@@ -61,6 +62,8 @@ class Trainer:
         self.acc.register_for_checkpointing(self.scheduler)
         self.chunked_loss = chunked_loss_for(self.acc.unwrap_model(self.model), self.task,
                                              self.training.loss_chunk_tokens, agree_on_max(self.acc))
+        self.not_padding_free = padding_free_for(self.acc.unwrap_model(self.model), self.task,
+                                                 self.training.padding_free)
         if self.on_prepared is not None:
             self.on_prepared(self.model)
 
@@ -119,8 +122,9 @@ class Trainer:
             passes = self._passes(local)
             with acc.accumulate(self.model):
                 for p, rows in enumerate(passes):
-                    batch = {k: v.to(acc.device) for k, v in collate([self.data.train[i] for i in rows],
-                                                                     self.pad_id).items()}
+                    examples = [self.data.train[i] for i in rows]
+                    batch = collate(examples, self.pad_id) if self.not_padding_free else collate_flat(examples)
+                    batch = {k: v.to(acc.device) for k, v in batch.items()}
                     # the micro-batch's last pass reduces the gradients of all of them
                     with contextlib.nullcontext() if p == len(passes) - 1 else _reduce_later(acc, self.model):
                         per_example = self._forward(batch)
@@ -145,16 +149,23 @@ class Trainer:
         padded = sum(len(s) * max(self.lengths[i] for i in s) for s in slices)
         useful = sum(self.lengths[i] for i in global_idx)
         computed = int(acc.reduce(torch.tensor([self.computed_tokens], device=acc.device), reduction="sum"))
-        how = ("length-grouped passes (training.length_grouping)" if self.training.length_grouping
-               else "one padded pass per micro-batch (training.length_grouping off)")
+        if self.not_padding_free is None:
+            how = "padding-free: each micro-batch's examples end to end in one row, attention within each example"
+        else:
+            how = (f"not padding-free ({self.not_padding_free}); " +
+                   ("length-grouped passes (training.length_grouping)" if self.training.length_grouping
+                    else "one padded pass per micro-batch (training.length_grouping off)"))
         logger.info(f"batches: {how}; the first step computed {computed:,} tokens for {useful:,} real ones "
                     f"(padded micro-batches: {padded:,})")
 
     def _passes(self, local: list[int]) -> list[list[int]]:
-        """This rank's micro-batch as forward/backward passes over rows of similar length (one pass when
-        length grouping is off). DeepSpeed reduces gradients in every backward, so its ranks agree on the
-        number of passes."""
+        """This rank's micro-batch as forward/backward passes: one when padding-free or when length grouping is
+        off, else over rows of similar length. DeepSpeed reduces gradients in every backward, so its ranks agree
+        on the number of passes."""
         lengths = [self.lengths[i] for i in local]
+        if self.not_padding_free is None:
+            self.computed_tokens += sum(lengths)
+            return [local]
         if not self.training.length_grouping:
             self.computed_tokens += len(local) * max(lengths)
             return [local]
@@ -166,10 +177,11 @@ class Trainer:
         return [[local[j] for j in group] for group in groups]
 
     def _forward(self, batch: dict) -> torch.Tensor:
+        example_of = batch.get("example_of")  # a flat batch's examples (None: one per row)
         if self.chunked_loss is not None:
-            return self.chunked_loss(self.model, model_inputs(batch), batch["labels"])
+            return self.chunked_loss(self.model, model_inputs(batch), batch["labels"], example_of)
         logits = self.model(**model_inputs(batch)).logits
-        return per_example_loss(logits, batch["labels"], self.task)
+        return per_example_loss(logits, batch["labels"], self.task, example_of)
 
     def _log(self, step, loss, lr, stats, n_tasks, grad_norm, tokens_per_s) -> None:
         if not (step % self.config.logging.log_every == 0 or step == 1 or step == self.training.max_steps):

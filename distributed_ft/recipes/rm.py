@@ -31,18 +31,33 @@ class RMRun(PairRun):
         # one output is a reward, not a 1-class classifier: a saved config with that problem type does not load
         self.model.config.problem_type = None
 
+    def before_training(self) -> None:
+        from distributed_ft.engine.logging import logger
+        from distributed_ft.engine.padding_free import padding_free_for
+
+        self.not_padding_free = padding_free_for(self.accelerator.unwrap_model(self.model), self.model_task,
+                                                 self.config.training.padding_free)
+        logger.info("batches: padding-free (training.padding_free): each micro-batch's sides end to end in one "
+                    "row, attention within each" if self.not_padding_free is None
+                    else f"batches: not padding-free ({self.not_padding_free})")
+
     def _rewards(self, model, examples: list[dict]):
+        from distributed_ft.engine.padding_free import flat_scores
         from distributed_ft.preference.batches import collate_rm_pairs, score_in_groups
 
         batch = collate_rm_pairs(examples, self.tokenizer.pad_token_id, self.config.rm.margin)
         device = self.accelerator.device
+        b = len(examples)
+        if self.not_padding_free is None:
+            rows = [p[side] for side in ("chosen", "rejected") for p in examples]
+            rewards = flat_scores(model, rows, self.tokenizer.pad_token_id)[:, 0].float()
+            return rewards[:b], rewards[b:], batch["margin"].to(device)
 
         def score(rows, width):  # in length groups (PairRun.pass_cost)
             ids, mask = (batch[k][rows, :width].to(device) for k in ("input_ids", "attention_mask"))
             return (model(input_ids=ids, attention_mask=mask).logits[:, 0].float(),)
 
         rewards, = score_in_groups(batch["attention_mask"].sum(1), self.pass_cost, score)
-        b = len(examples)
         return rewards[:b], rewards[b:], batch["margin"].to(device)
 
     def pair_loss(self, model, indices: list[int]):

@@ -33,15 +33,21 @@ class PointwiseRun(RMRun):
         return {"input_ids": list(ids), "score": row["score"]}
 
     def _predict(self, model, examples: list[dict]):
+        from distributed_ft.engine.padding_free import flat_scores
+
+        device = self.accelerator.device
+        target = torch.tensor([e["score"] for e in examples], device=device)
+        if self.not_padding_free is None:  # RMRun.before_training
+            rows = [e["input_ids"] for e in examples]
+            return flat_scores(model, rows, self.tokenizer.pad_token_id)[:, 0].float(), target
         width = max(len(e["input_ids"]) for e in examples)
         input_ids = torch.full((len(examples), width), int(self.tokenizer.pad_token_id), dtype=torch.long)
         attention = torch.zeros_like(input_ids)
         for i, e in enumerate(examples):
             input_ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
             attention[i, :len(e["input_ids"])] = 1
-        device = self.accelerator.device
         predicted = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[:, 0].float()
-        return predicted, torch.tensor([e["score"] for e in examples], device=device)
+        return predicted, target
 
     def pair_loss(self, model, indices: list[int]):
         predicted, target = self._predict(model, [self.train_pairs[i] for i in indices])
