@@ -123,7 +123,7 @@ class Trainer:
             with acc.accumulate(self.model):
                 for p, rows in enumerate(passes):
                     examples = [self.data.train[i] for i in rows]
-                    batch = collate(examples, self.pad_id) if self.not_padding_free else collate_flat(examples)
+                    batch = collate_flat(examples) if self._flat(examples) else collate(examples, self.pad_id)
                     batch = {k: v.to(acc.device) for k, v in batch.items()}
                     # the micro-batch's last pass reduces the gradients of all of them
                     with contextlib.nullcontext() if p == len(passes) - 1 else _reduce_later(acc, self.model):
@@ -175,6 +175,13 @@ class Trainer:
             groups = split_to(groups, lengths, count)
         self.computed_tokens += sum(len(g) * max(lengths[j] for j in g) for g in groups)
         return [[local[j] for j in group] for group in groups]
+
+    def _flat(self, examples: list[dict]) -> bool:
+        """Whether a pass goes as one flat row: when padding-free and its rows would need padding or hold
+        packed examples (rows of one length, each one example, run faster as a batch and need no mask)."""
+        if self.not_padding_free is not None:
+            return False
+        return len({len(ex["input_ids"]) for ex in examples}) > 1 or any("position_ids" in ex for ex in examples)
 
     def _forward(self, batch: dict) -> torch.Tensor:
         example_of = batch.get("example_of")  # a flat batch's examples (None: one per row)
