@@ -67,8 +67,12 @@ def collate_rm_pairs(pairs: list[dict], pad_id: int, default_margin: float) -> d
     for i, row in enumerate(rows):
         input_ids[i, :len(row)] = torch.tensor(row)
         attention[i, :len(row)] = 1
-    margin = torch.tensor([default_margin if p.get("margin") is None else p["margin"] for p in pairs])
-    return {"input_ids": input_ids, "attention_mask": attention, "margin": margin}
+    return {"input_ids": input_ids, "attention_mask": attention, "margin": pair_margins(pairs, default_margin)}
+
+
+def pair_margins(pairs: list[dict], default_margin: float) -> torch.Tensor:
+    """Each pair's margin, the config's where the pair has none."""
+    return torch.tensor([default_margin if p.get("margin") is None else p["margin"] for p in pairs])
 
 
 def score_in_groups(lengths: torch.Tensor, pass_cost: int | None, score) -> tuple[torch.Tensor, ...]:

@@ -43,15 +43,14 @@ class RMRun(PairRun):
 
     def _rewards(self, model, examples: list[dict]):
         from distributed_ft.engine.padding_free import flat_scores
-        from distributed_ft.preference.batches import collate_rm_pairs, score_in_groups
+        from distributed_ft.preference.batches import collate_rm_pairs, pair_margins, score_in_groups
 
-        batch = collate_rm_pairs(examples, self.tokenizer.pad_token_id, self.config.rm.margin)
-        device = self.accelerator.device
-        b = len(examples)
-        if self.not_padding_free is None:
+        device, b = self.accelerator.device, len(examples)
+        if self.not_padding_free is None:  # every side in one flat forward
             rows = [p[side] for side in ("chosen", "rejected") for p in examples]
             rewards = flat_scores(model, rows, self.tokenizer.pad_token_id)[:, 0].float()
-            return rewards[:b], rewards[b:], batch["margin"].to(device)
+            return rewards[:b], rewards[b:], pair_margins(examples, self.config.rm.margin).to(device)
+        batch = collate_rm_pairs(examples, self.tokenizer.pad_token_id, self.config.rm.margin)
 
         def score(rows, width):  # in length groups (PairRun.pass_cost)
             ids, mask = (batch[k][rows, :width].to(device) for k in ("input_ids", "attention_mask"))

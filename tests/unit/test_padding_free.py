@@ -158,3 +158,21 @@ def test_an_encoder_classifier_is_not_scored_flat():
                                                      num_attention_heads=2, intermediate_size=64, num_labels=1))
     reason = padding_free_for(model, "sequence_classification", True)
     assert reason is not None and model.config._attn_implementation != DOCUMENT_ATTENTION
+
+
+def test_reward_model_runs_padding_free_and_padded_agree(tmp_path):
+    """`dft rm` with its sides in one flat forward and with padded length groups: the same losses step by step."""
+    from tests.conftest import run_dft
+
+    losses = {}
+    for flag in ("true", "false"):
+        out = tmp_path / flag
+        proc = run_dft("rm", "configs/rm/quickstart.yaml", f"output.dir={out}", "pairs.train.0.num_examples=64",
+                       "pairs.eval_pairs=8", "training.max_steps=3", "training.warmup_steps=0", "logging.log_every=1",
+                       "training.mixed_precision=no", f"training.padding_free={flag}", "logging.progress_bar=false")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("batches: padding-free" in proc.stderr) == (flag == "true"), proc.stderr[-3000:]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[flag] = [row["loss"] for row in rows if "loss" in row]
+    assert len(losses["true"]) == 3
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
