@@ -62,8 +62,10 @@ class Trainer:
         self.acc.register_for_checkpointing(self.scheduler)
         self.chunked_loss = chunked_loss_for(self.acc.unwrap_model(self.model), self.task,
                                              self.training.loss_chunk_tokens, agree_on_max(self.acc))
-        self.not_padding_free = padding_free_for(self.acc.unwrap_model(self.model), self.task,
-                                                 self.training.padding_free)
+        # a causal LM's loss only: a classifier's examples go padded (a reward model's scores go flat in dft rm)
+        self.not_padding_free = (padding_free_for(self.acc.unwrap_model(self.model), self.task,
+                                                  self.training.padding_free)
+                                 if self.task == "causal_lm" else f"task {self.task}")
         if self.on_prepared is not None:
             self.on_prepared(self.model)
 
