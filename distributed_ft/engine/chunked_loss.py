@@ -48,7 +48,7 @@ class ChunkedHead:
     summed token cross-entropy (calling it) or per-token log-probs (`token_logprobs`)."""
 
     def __init__(self, model: torch.nn.Module, chunk_tokens: int, agree: Callable[[int], int] | None = None):
-        bare = _bare(model)
+        bare = bare_model(model)
         self.decoder, self.head = bare.get_decoder(), bare.get_output_embeddings()
         self.chunk_tokens = chunk_tokens
         # Under ZeRO-3 each head call gathers the head's weights collectively: all ranks make as many calls
@@ -199,7 +199,7 @@ def _chunked_for(model: torch.nn.Module, task: str, chunk_tokens: int | None, ag
 
 def _unsupported(model: torch.nn.Module) -> str | None:
     """Why the chunked path cannot reproduce this model's loss, or None when it can."""
-    bare = _bare(model)
+    bare = bare_model(model)
     if not (hasattr(bare, "get_decoder") and hasattr(bare, "get_output_embeddings")):
         return f"{type(bare).__name__} has no decoder/output-embedding accessors"
     if bare.get_output_embeddings() is None:
@@ -247,7 +247,7 @@ def _probe(model: torch.nn.Module, bare: torch.nn.Module) -> str | None:
     return None
 
 
-def _bare(model: torch.nn.Module) -> torch.nn.Module:
+def bare_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a PEFT wrapper (LoRA layers and modules_to_save sit in it)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 

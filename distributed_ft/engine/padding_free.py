@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from distributed_ft.data.collate import flat_inputs
+from distributed_ft.engine.chunked_loss import bare_model
 
 DOCUMENT_ATTENTION = "dft_document_sdpa"
 _VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
@@ -90,7 +91,7 @@ def padding_free_for(model: torch.nn.Module, task: str, enabled: bool) -> str | 
     if getattr(model, "peft_config", None) and any(
             getattr(c, "is_prompt_learning", False) for c in model.peft_config.values()):
         return "a prompt-learning adapter prepends virtual tokens to every row"
-    bare = _bare(model)
+    bare = bare_model(model)
     implementation = getattr(bare.config, "_attn_implementation", None)
     if implementation not in ("sdpa", DOCUMENT_ATTENTION, *_VARLEN_IMPLEMENTATIONS):
         return f"attention implementation {implementation!r} takes no example boundaries"
@@ -108,14 +109,14 @@ def flat_scores(model: torch.nn.Module, rows: list[list[int]], pad_id: int | Non
     """A sequence-classification model's logits [rows, labels] for token rows laid end to end in one forward
     (`model` may be the prepared wrapper; padding_free_for(..., "sequence_classification", ...) said yes).
     Each row is scored where the padded forward scores it: at its rightmost token that is not the pad token."""
-    head = _bare(_unwrapped(model)).score
+    head = bare_model(_unwrapped(model)).score
     device = next(model.parameters()).device
     ids = torch.tensor([t for row in rows for t in row], device=device)[None]
     positions = torch.cat([torch.arange(len(row)) for row in rows]).to(device)[None]
     ends, start = [], 0
     for row in rows:
-        kept = [j for j, t in enumerate(row) if t != pad_id]
-        ends.append(start + (kept[-1] if kept else 0))
+        last = next((j for j in range(len(row) - 1, -1, -1) if row[j] != pad_id), 0)
+        ends.append(start + last)
         start += len(row)
     caught = []
     handle = head.register_forward_hook(lambda _m, _i, output: caught.append(output))
@@ -135,16 +136,11 @@ def _causal_lm_check(model: torch.nn.Module, bare: torch.nn.Module, first: torch
 
 
 def _scores_check(model: torch.nn.Module, bare: torch.nn.Module, first: torch.Tensor, second: torch.Tensor):
-    """(the two rows scored end to end, scored padded): their sequence logits."""
+    """(the two rows scored end to end, each scored alone): their sequence logits."""
     if not isinstance(getattr(bare, "score", None), torch.nn.Module):
         raise ValueError(f"{type(bare).__name__} has no `score` head applied at every position")
-    pad = bare.config.get_text_config().pad_token_id
-    together = flat_scores(model, [first.tolist(), second.tolist()], pad)
-    padded = torch.full((2, len(first)), pad if pad is not None else 0, device=first.device)
-    padded[0], padded[1, :len(second)] = first, second
-    mask = (torch.arange(len(first), device=first.device)[None] < torch.tensor([[len(first)], [len(second)]],
-                                                                                 device=first.device)).long()
-    return together, model(input_ids=padded, attention_mask=mask).logits
+    together = flat_scores(model, [first.tolist(), second.tolist()], bare.config.get_text_config().pad_token_id)
+    return together, torch.cat([model(input_ids=first[None]).logits, model(input_ids=second[None]).logits])
 
 
 _CHECKS = {"causal_lm": _causal_lm_check, "sequence_classification": _scores_check}
@@ -170,11 +166,6 @@ def _refused(check, model: torch.nn.Module, bare: torch.nn.Module) -> str | None
     if together.shape != alone.shape or float((together - alone).abs().max()) > 1e-3 * (1 + float(alone.abs().max())):
         return "examples end to end do not give what each gives alone"
     return None
-
-
-def _bare(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a PEFT wrapper."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:

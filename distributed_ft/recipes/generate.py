@@ -55,6 +55,7 @@ def check_sampling(sampling: Sampling) -> Sampling:
 
 def load_for_generation(name: str):
     """(model in eval mode, tokenizer) for a run directory, a saved model/adapter folder or a Hub id."""
+    from distributed_ft.engine.chunked_loss import bare_model
     from distributed_ft.models import load_model, load_tokenizer
     from distributed_ft.models.config import ModelConfig
     from distributed_ft.strategies.loading import load_trained, load_trained_tokenizer, resolve_trained_path
@@ -68,7 +69,7 @@ def load_for_generation(name: str):
         config = ModelConfig(name_or_path=name)
         tokenizer = load_tokenizer(name, config)
         model = load_model(config, tokenizer, name).eval()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = bare_model(model)
     if not base.can_generate():
         raise ModelError(f"{name}: a {type(base).__name__} predicts labels and does not generate text; "
                          "score it with `dft eval`")
