@@ -42,14 +42,16 @@ def native_bf16(cpuinfo: str | None) -> bool | None:
     return bool(flags & BF16_FLAGS) if flags else None
 
 
-def report_cpu_precision(mixed_precision: str, cpuinfo: str | None = None, precision: str | None = None) -> None:
-    """Log whether bf16 is native here (and `precision`, the run's choice), and warn when bf16 mixed precision is
-    asked for where it is emulated."""
+def report_cpu_precision(mixed_precision: str, cpuinfo: str | None = None, precision: str | None = None,
+                         allocator: str | None = None) -> None:
+    """Log whether bf16 is native here (and `precision`, the run's choice; `allocator`, what cpu_allocator did),
+    and warn when bf16 mixed precision is asked for where it is emulated."""
     cpuinfo = read_cpuinfo() if cpuinfo is None else cpuinfo
     native = native_bf16(cpuinfo)
     where = cpu_model(cpuinfo) if cpuinfo else "this CPU"
     state = {True: "native", False: "emulated (no avx512_bf16/amx_bf16)", None: "unknown"}[native]
-    logger.info(f"device: CPU ({where}); bf16 {state}" + (f"; precision {precision}" if precision else ""))
+    logger.info(f"device: CPU ({where}); bf16 {state}" + (f"; precision {precision}" if precision else "")
+                + (f"; memory: {allocator}" if allocator else ""))
     if mixed_precision == "bf16" and native is False:
         logger.warning("training.mixed_precision=bf16 on a CPU without native bf16: torch emulates it, which is "
                        "usually slower than fp32 (set training.mixed_precision=no)")

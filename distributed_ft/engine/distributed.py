@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from distributed_ft.engine.cpu_allocator import keep_freed_memory
 from distributed_ft.engine.cpu_features import report_cpu_precision
 from distributed_ft.engine.logging import setup_console_logging
 from distributed_ft.engine.precision import resolve_mixed_precision
@@ -105,6 +106,8 @@ def build_accelerator(training, logging=None, run_dir: str | None = None, model_
     accelerator = Accelerator(gradient_accumulation_steps=training.gradient_accumulation_steps,
                               mixed_precision=precision, kwargs_handlers=handlers, **kwargs)
     accelerator.precision_reason = why  # for the run log's device line (report_device)
+    if accelerator.device.type == "cpu":  # before the model loads: its tensors are the first to reuse memory
+        accelerator.cpu_allocator = keep_freed_memory()
     _check_topology(accelerator)
     setup_console_logging(accelerator.is_main_process)
     return accelerator
@@ -129,7 +132,8 @@ def report_device(accelerator) -> None:
     precision = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[str(accelerator.mixed_precision)]
     why = getattr(accelerator, "precision_reason", "training.mixed_precision")
     if accelerator.device.type == "cpu":
-        report_cpu_precision(str(accelerator.mixed_precision), precision=f"{precision} ({why})")
+        report_cpu_precision(str(accelerator.mixed_precision), precision=f"{precision} ({why})",
+                             allocator=getattr(accelerator, "cpu_allocator", None))
     else:
         logger.info(f"device: {accelerator.device}; precision {precision} ({why})")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
@@ -93,6 +94,8 @@ def test_a_run_says_which_precision_it_chose(tmp_path):
     native = native_bf16(read_cpuinfo())
     expected = "bf16 autocast (auto: this CPU computes bf16 natively)" if native else "fp32 (auto: this CPU"
     assert f"precision {expected}" in line, line
+    chosen = any(key.startswith("MALLOC_") for key in os.environ)  # the user's malloc settings are left alone
+    assert ("memory: the allocator as set" if chosen else "memory: freed memory kept for reuse") in line, line
 
 
 @pytest.mark.parametrize("bf16_supported, chosen", [(True, "bf16"), (False, "no")])

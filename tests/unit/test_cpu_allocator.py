@@ -1,0 +1,49 @@
+"""On CPU the engine makes glibc keep freed memory for the next step: a freed large tensor's pages stay in the
+process (no new page faults when the next step allocates again), unless the user chose allocator settings."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux only")
+
+# allocate and touch 256 MiB as a torch tensor, free it, and report resident memory before, with and after
+PROBE = """
+import json, os, sys
+import torch
+from distributed_ft.engine.cpu_allocator import keep_freed_memory
+
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+said = keep_freed_memory() if sys.argv[1] == "keep" else None
+before = resident()
+tensor = torch.ones(64 << 20)
+held = resident()
+del tensor
+print(json.dumps({"said": said, "before": before, "held": held, "after": resident()}))
+"""
+MIB = 1 << 20
+
+
+def probe(mode: str, **env) -> dict:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120,
+                         env={**environ, **env}, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_freed_memory_stays_in_the_process_only_when_kept():
+    default, kept = probe("default"), probe("keep")
+    assert default["held"] - default["before"] > 200 * MIB  # the tensor was resident
+    assert default["held"] - default["after"] > 200 * MIB   # glibc gave it back: the next step faults it in again
+    assert kept["held"] - kept["after"] < 16 * MIB           # kept for the next allocation
+    assert "kept for reuse" in kept["said"]
+
+
+def test_the_users_allocator_settings_are_left_alone():
+    chosen = probe("keep", MALLOC_ARENA_MAX="2")
+    assert chosen["said"] == "the allocator as set (MALLOC_ARENA_MAX)"
+    assert chosen["held"] - chosen["after"] > 200 * MIB     # glibc's default behaviour, untouched
