@@ -3,7 +3,7 @@
 PyTorch has no caching allocator on CPU: every tensor is a malloc. glibc's malloc serves large blocks from
 fresh mmaps and gives the top of its heap back once it is free, so a step whose tensor sizes differ from the
 last step's (padding-free rows change length every step) faults in new pages for most of its activations and
-gradients: on 2 cores that cost a padding-free step on lognormal lengths about a quarter of its time. Three
+gradients: on 2 cores that cost a padding-free step on lognormal lengths an eighth to a quarter of its time. Three
 mallopt settings make glibc keep what it has (the effect jemalloc or tcmalloc give when preloaded): blocks up
 to 32 MiB (glibc's own ceiling for its adaptive mmap threshold) come from the heap, the heap top is not given
 back below 2 GiB free, and the heap grows 64 MiB at a time. Larger blocks are still mapped and returned at
