@@ -6,9 +6,9 @@ last step's (padding-free rows change length every step) faults in new pages for
 gradients: on 2 cores that cost a padding-free step on lognormal lengths an eighth to a quarter of its time. Three
 mallopt settings make glibc keep what it has (the effect jemalloc or tcmalloc give when preloaded): blocks up
 to 32 MiB (glibc's own ceiling for its adaptive mmap threshold) come from the heap, the heap top is not given
-back below 2 GiB free, and the heap grows 64 MiB at a time. Larger blocks are still mapped and returned at
-once: kept in the heap, the different sizes of a large model's logits and activations fragment it (the peak
-RSS of a 128k-vocabulary step rose by half).
+back below 2 GiB free, and the heap grows 64 MiB at a time. Larger blocks, unless free heap serves them, are
+still mapped and returned at once: kept in the heap, the different sizes of a large model's logits and
+activations fragment it (the peak RSS of a 128k-vocabulary step rose by half).
 
 Left alone where the user chose: MALLOC_* tunables in the environment, or another allocator preloaded.
 """
