@@ -23,8 +23,7 @@ said = keep_freed_memory() if sys.argv[1] == "keep" else None
 tensor = torch.ones(64 << 20)  # first: later, the heap's own free space may serve a block this large
 held_large = resident()
 del tensor
-after_large = resident()
-before = resident()
+after_large = before = resident()
 tensors = [torch.ones(4 << 20) for _ in range(16)]
 held = resident()
 del tensors
@@ -35,7 +34,9 @@ MIB = 1 << 20
 
 
 def probe(mode: str, **env) -> dict:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    # without the settings the engine leaves alone (cpu_allocator.users_choice), so the probe sees glibc's defaults
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith(("MALLOC_", "GLIBC_TUNABLES")) and k != "LD_PRELOAD"}
     out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120,
                          env={**environ, **env}, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 
+from distributed_ft.engine.cpu_allocator import users_choice
 from distributed_ft.engine.cpu_features import cpu_model, native_bf16, read_cpuinfo, report_cpu_precision
 from tests.conftest import run_dft
 
@@ -94,8 +94,9 @@ def test_a_run_says_which_precision_it_chose(tmp_path):
     native = native_bf16(read_cpuinfo())
     expected = "bf16 autocast (auto: this CPU computes bf16 natively)" if native else "fp32 (auto: this CPU"
     assert f"precision {expected}" in line, line
-    chosen = any(key.startswith("MALLOC_") for key in os.environ)  # the user's malloc settings are left alone
-    assert ("memory: the allocator as set" if chosen else "memory: freed memory kept for reuse") in line, line
+    chosen = users_choice()  # the user's allocator settings are left alone
+    assert (f"memory: the allocator as set ({chosen})" if chosen else "memory: freed memory kept for reuse") in line, \
+        line
 
 
 @pytest.mark.parametrize("bf16_supported, chosen", [(True, "bf16"), (False, "no")])
